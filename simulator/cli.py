@@ -1,0 +1,127 @@
+"""``clustersim`` command line.
+
+    clustersim simulate FILE [--out DIR] [--trace FILE.json]
+    clustersim collective --op all_reduce --algorithm ring --size 256MB [--nodes 8 ...]
+    clustersim demo [--out DIR] [--quick]
+
+User errors (a bad file, a bad value) print one line and exit with status 2.
+The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def print_summary(summary: dict, file=sys.stdout) -> None:
+    width = max(len(k) for k in summary)
+    for key, value in summary.items():
+        print(f"  {key:<{width}}  {_fmt(value)}", file=file)
+
+
+def cmd_simulate(args) -> int:
+    from simulator.executor import simulate
+    from simulator.experiment import load_experiment
+
+    experiment = load_experiment(args.file)
+    result = simulate(experiment)
+    name = experiment.name or Path(args.file).stem
+    print(f"{name}: {experiment.world_size} ranks, {experiment.iterations} iterations")
+    print_summary(result.summary())
+    if args.out:
+        folder = result.save(args.out)
+        print(f"tables written to {folder}")
+    if args.trace:
+        print(f"trace written to {result.to_chrome_trace(args.trace)}")
+    return 0
+
+
+def cmd_collective(args) -> int:
+    from simulator.cluster import Cluster
+    from simulator.collectives import simulate_collective
+    from simulator.units import fmt_bandwidth, fmt_bytes, fmt_time, parse_bytes
+
+    cluster = Cluster.homogeneous(
+        nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
+        intra=args.intra, inter=args.inter, nics_per_node=args.nics_per_node,
+    )
+    p = cluster.world_size
+    print(f"{args.op} / {args.algorithm} on {p} ranks ({args.nodes} x {args.gpus_per_node})")
+    print(f"  {'size':>10}  {'time':>10}  {'algbw':>12}  {'busbw':>12}")
+    for size in args.size:
+        nbytes = parse_bytes(size, field="--size")
+        t = simulate_collective(cluster, args.op, nbytes, algorithm=args.algorithm)
+        algbw = nbytes / t if t > 0 else float("inf")
+        # nccl-tests' bus bandwidth factor: what each link must carry relative to algbw
+        factor = {"all_reduce": 2 * (p - 1) / p, "reduce_scatter": (p - 1) / p,
+                  "all_gather": (p - 1) / p, "all_to_all": (p - 1) / p}.get(args.op, 1.0)
+        print(f"  {fmt_bytes(nbytes):>10}  {fmt_time(t):>10}  {fmt_bandwidth(algbw):>12}  "
+              f"{fmt_bandwidth(algbw * factor):>12}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from experiments import allreduce_algorithms
+
+    allreduce_algorithms.main(out=Path(args.out), quick=args.quick)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clustersim", description="Simulate distributed training on GPU clusters.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="simulate an experiment file (TOML or JSON)")
+    p.add_argument("file")
+    p.add_argument("--out", help="folder for the result tables (CSV) and summary")
+    p.add_argument("--trace", help="write a Chrome/Perfetto trace JSON here")
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("collective", help="time one collective across sizes, like nccl-tests")
+    p.add_argument("--op", default="all_reduce")
+    p.add_argument("--algorithm", default="ring")
+    p.add_argument("--size", nargs="+", default=["1MB", "16MB", "256MB"])
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nics-per-node", type=int, default=1)
+    p.add_argument("--gpu", default="A100-80GB")
+    p.add_argument("--intra", default="nvlink3")
+    p.add_argument("--inter", default="100GbE")
+    p.set_defaults(func=cmd_collective)
+
+    p = sub.add_parser("demo", help="what-if: all-reduce algorithms x cluster size x network speed")
+    p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    p.add_argument("--quick", action="store_true", help="a smaller grid (seconds)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse printed its one-line usage error
+        return int(exc.code or 0)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        message = " ".join(str(exc).split())  # one line, whatever the message held
+        print(f"clustersim: error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("clustersim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,401 @@
+"""Cluster: nodes of GPUs, their links, the fabric between them, and routes.
+
+A :class:`Cluster` has ``nodes`` nodes of ``gpus_per_node`` GPUs (rank ``r``
+lives on node ``r // gpus_per_node`` as local GPU ``r % gpus_per_node``). It
+expands into a graph of *directed* links (:class:`Link`, full duplex means one
+link per direction) that the flow-level network model shares max-min fairly,
+and it answers ``route(src, dst)``: the link ids a transfer from rank ``src``
+to rank ``dst`` crosses.
+
+Routing rules
+-------------
+Each modelled link carries part of a hop's latency so that latencies add up to
+the catalogue figures:
+
+* Same node, ``intra_kind="nvlink"``: ``gpu_src.nvl_up -> gpu_dst.nvl_down``.
+  Every GPU has its own up and down link into an NVSwitch (non-blocking), each
+  with ``intra.bandwidth`` and ``intra.latency / 2``. Total latency is
+  ``intra.latency``, bottleneck ``intra.bandwidth``. (Built only when a node
+  has more than one GPU.)
+* Same node, ``intra_kind="pcie"``: ``gpu_src.pcie_up -> gpu_dst.pcie_down``,
+  the same split.
+* Different nodes: ``[gpu_src.pcie_up] -> nic_src.up -> (fabric) -> nic_dst.down
+  -> [gpu_dst.pcie_down]``. Local GPU ``g`` uses NIC ``g % nics_per_node``.
+  NIC links carry ``inter.bandwidth`` and ``inter.latency / 2`` each, so two
+  single-GPU nodes on a :class:`SingleSwitch` see exactly ``inter.latency`` and
+  ``inter.bandwidth``. With PCIe the GPU's own PCIe link is also its path to
+  the NIC, so inter-node traffic shares it with intra-node traffic and the path
+  latency is ``inter.latency + intra.latency``. With NVLink the GPU reaches its
+  NIC (GPUDirect RDMA through a PCIe switch) without a modelled link.
+* :class:`SingleSwitch`: one non-blocking switch joins all NICs; it adds no link.
+* :class:`LeafSpine`: nodes ``[l * nodes_per_leaf, (l + 1) * nodes_per_leaf)``
+  hang off leaf ``l``. Same-leaf traffic goes ``nic up -> nic down``. Cross-leaf
+  traffic adds ``leaf{a}->spine{s}`` and ``spine{s}->leaf{b}``, each with
+  ``hop_latency`` (the two extra switches traversed), so the path latency is
+  ``inter.latency + 2 * hop_latency``. Each leaf has uplink capacity
+  ``nodes_per_leaf * nics_per_node * inter.bandwidth / oversubscription`` per
+  direction, split evenly over ``spines`` links (a last, partly filled leaf
+  has the same switch and uplinks). The spine is ``(src + dst) % spines``:
+  ECMP-like, deterministic, no random numbers.
+
+Path latencies are summed with ``math.fsum``, so a sum of halves is the exact,
+correctly rounded sum of the catalogue latencies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Literal
+
+from simulator import units
+from simulator.hardware import Device, LinkSpec, _device_for, _link_for
+
+__all__ = ["Link", "SingleSwitch", "LeafSpine", "Cluster", "INTRA_KINDS"]
+
+INTRA_KINDS: tuple[str, ...] = ("nvlink", "pcie")
+
+
+def _positive_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{field} must be >= 1, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Link:
+    """One directed link instance in the network graph; its id is its index in ``Cluster.links``."""
+
+    name: str
+    """E.g. ``"node3.nic0.up"``, ``"leaf1->spine0"``."""
+    bandwidth: float
+    """Bytes/s."""
+    latency: float
+    """Seconds this link adds to a path's latency."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class SingleSwitch:
+    """One non-blocking switch joining every NIC."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "single_switch"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeafSpine:
+    """Two-level leaf-spine (folded Clos) fabric with optional oversubscription."""
+
+    nodes_per_leaf: int
+    """Nodes attached to each leaf switch."""
+    oversubscription: float = 1.0
+    """Leaf downlink capacity / uplink capacity, >= 1 (1 = non-blocking)."""
+    spines: int = 1
+    """Spine switches, one uplink per leaf to each. The default, one aggregate
+    spine, is perfect load balancing over a leaf's uplinks; more spines model
+    ECMP hash collisions."""
+    hop_latency: float = 0.5e-6
+    """Seconds per extra switch traversed (cut-through Ethernet switches are
+    ~0.3-0.8 us port to port, InfiniBand ~0.1-0.2 us, plus cable flight time)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "nodes_per_leaf", _positive_int(self.nodes_per_leaf, "LeafSpine.nodes_per_leaf")
+        )
+        o = self.oversubscription
+        if isinstance(o, bool) or not isinstance(o, numbers.Real) or not 1 <= o < math.inf:
+            raise ValueError(f"LeafSpine.oversubscription must be a finite number >= 1, got {o!r}")
+        object.__setattr__(self, "oversubscription", float(o))
+        object.__setattr__(self, "spines", _positive_int(self.spines, "LeafSpine.spines"))
+        object.__setattr__(
+            self, "hop_latency", units.parse_time(self.hop_latency, "LeafSpine.hop_latency")
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "leaf_spine", **dataclasses.asdict(self)}
+
+
+Topology = SingleSwitch | LeafSpine
+
+
+def _topology(spec: Any) -> Topology:
+    if isinstance(spec, (SingleSwitch, LeafSpine)):
+        return spec
+    if spec == "single_switch":
+        return SingleSwitch()
+    if isinstance(spec, Mapping) and spec.get("kind") in ("single_switch", "leaf_spine"):
+        fields = {k: v for k, v in spec.items() if k != "kind"}
+        cls = SingleSwitch if spec["kind"] == "single_switch" else LeafSpine
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f"Cluster.topology: unknown field(s) {', '.join(unknown)} for {spec['kind']}; "
+                f"allowed: {', '.join(allowed) or 'none'}"
+            )
+        return cls(**fields)
+    raise ValueError(
+        f"Cluster.topology must be SingleSwitch(), LeafSpine(...) or a mapping with "
+        f"kind 'single_switch' or 'leaf_spine', got {spec!r}"
+    )
+
+
+@dataclass(frozen=True)
+class _Graph:
+    links: tuple[Link, ...]
+    gpu_up: tuple[int, ...]  # per rank; empty when there are no modelled intra links
+    gpu_down: tuple[int, ...]
+    nic_up: tuple[int, ...]  # per node * nics_per_node + nic
+    nic_down: tuple[int, ...]
+    leaf_up: tuple[int, ...]  # per leaf * spines + spine
+    leaf_down: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cluster:
+    """Nodes of GPUs, the intra-node link, the NICs and the fabric."""
+
+    nodes: int
+    """Number of nodes, >= 1."""
+    gpus_per_node: int
+    """GPUs (ranks) per node, >= 1."""
+    device: Device
+    """Default device of every rank (name, mapping or Device)."""
+    intra: LinkSpec
+    """Intra-node GPU link kind (name, mapping or LinkSpec)."""
+    intra_kind: Literal["nvlink", "pcie"]
+    """``nvlink``: per-GPU links into an NVSwitch; ``pcie``: the GPU's PCIe link
+    is also its path to the NIC, shared by intra- and inter-node traffic."""
+    inter: LinkSpec
+    """Per-NIC link into the fabric."""
+    nics_per_node: int = 1
+    """NICs per node; local GPU ``g`` uses NIC ``g % nics_per_node``."""
+    topology: SingleSwitch | LeafSpine = SingleSwitch()
+    """How the NICs are joined."""
+    devices: tuple[Device, ...] | None = None
+    """Optional per-rank devices (heterogeneous clusters), length ``world_size``."""
+
+    def __post_init__(self) -> None:
+        def s(name: str, value: Any) -> None:  # frozen: normalise once, at construction
+            object.__setattr__(self, name, value)
+
+        s("nodes", _positive_int(self.nodes, "Cluster.nodes"))
+        s("gpus_per_node", _positive_int(self.gpus_per_node, "Cluster.gpus_per_node"))
+        s("nics_per_node", _positive_int(self.nics_per_node, "Cluster.nics_per_node"))
+        s("device", _device_for(self.device, "Cluster.device"))
+        s("intra", _link_for(self.intra, "Cluster.intra"))
+        s("inter", _link_for(self.inter, "Cluster.inter"))
+        if self.intra_kind not in INTRA_KINDS:
+            raise ValueError(
+                f"Cluster.intra_kind must be one of {', '.join(INTRA_KINDS)}, got {self.intra_kind!r}"
+            )
+        s("topology", _topology(self.topology))
+        if self.devices is not None:
+            if isinstance(self.devices, (str, Mapping)) or not isinstance(self.devices, Sequence):
+                raise ValueError(f"Cluster.devices must be a sequence of devices, got {self.devices!r}")
+            if len(self.devices) != self.world_size:
+                raise ValueError(
+                    f"Cluster.devices must have one device per rank (world_size "
+                    f"{self.world_size}), got {len(self.devices)}"
+                )
+            s("devices", tuple(_device_for(d, f"Cluster.devices[{i}]") for i, d in enumerate(self.devices)))
+
+    @classmethod
+    def homogeneous(
+        cls,
+        *,
+        nodes: int,
+        gpus_per_node: int = 1,
+        gpu: str | Device | Mapping[str, Any] = "A100-80GB",
+        intra: str | LinkSpec | Mapping[str, Any] = "nvlink3",
+        inter: str | LinkSpec | Mapping[str, Any] = "100GbE",
+        topology: Topology | Mapping[str, Any] = SingleSwitch(),  # noqa: B008 (frozen, immutable)
+        nics_per_node: int = 1,
+        intra_kind: Literal["nvlink", "pcie"] | None = None,
+        **overrides: Any,
+    ) -> Cluster:
+        """A cluster of identical nodes, from catalogue names or objects.
+
+        ``overrides`` are field overrides prefixed by what they change:
+        ``gpu_<Device field>``, ``intra_<LinkSpec field>``, ``inter_<LinkSpec
+        field>``, e.g. ``inter_bandwidth="25Gbps"``, ``gpu_compute_efficiency=0.5``.
+        ``intra_kind`` defaults to ``"pcie"`` when the intra link's name starts
+        with "pcie", else ``"nvlink"``.
+        """
+        split: dict[str, dict[str, Any]] = {"gpu": {}, "intra": {}, "inter": {}}
+        for key, value in overrides.items():
+            prefix, _, name = key.partition("_")
+            if prefix not in split or not name:
+                raise ValueError(
+                    f"Cluster.homogeneous: unknown argument {key!r}; overrides are "
+                    f"gpu_<Device field>, intra_<LinkSpec field> or inter_<LinkSpec field>"
+                )
+            split[prefix][name] = value
+        dev = _device_for(gpu, "Cluster.device", **split["gpu"])
+        intra_spec = _link_for(intra, "Cluster.intra", **split["intra"])
+        inter_spec = _link_for(inter, "Cluster.inter", **split["inter"])
+        if intra_kind is None:
+            intra_kind = "pcie" if intra_spec.name.lower().startswith("pcie") else "nvlink"
+        return cls(nodes=nodes, gpus_per_node=gpus_per_node, device=dev, intra=intra_spec,
+                   intra_kind=intra_kind, inter=inter_spec, nics_per_node=nics_per_node,
+                   topology=topology)
+
+    # ------------------------------------------------------------------ ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+    def _check_rank(self, rank: Any, field: str = "rank") -> int:
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < self.world_size:
+            raise ValueError(f"{field} must be a rank in [0, {self.world_size}), got {rank!r}")
+        return int(rank)
+
+    def node_of(self, rank: int) -> int:
+        return self._check_rank(rank) // self.gpus_per_node
+
+    def local_rank(self, rank: int) -> int:
+        """Index of ``rank``'s GPU within its node."""
+        return self._check_rank(rank) % self.gpus_per_node
+
+    def node_ranks(self, node: int) -> range:
+        """The ranks on ``node``."""
+        if isinstance(node, bool) or not isinstance(node, numbers.Integral) or not 0 <= node < self.nodes:
+            raise ValueError(f"node must be in [0, {self.nodes}), got {node!r}")
+        return range(node * self.gpus_per_node, (node + 1) * self.gpus_per_node)
+
+    def device_of(self, rank: int) -> Device:
+        rank = self._check_rank(rank)
+        return self.device if self.devices is None else self.devices[rank]
+
+    # ------------------------------------------------------------------ graph
+
+    @cached_property
+    def _graph(self) -> _Graph:
+        links: list[Link] = []
+
+        def add(name: str, bandwidth: float, latency: float) -> int:
+            links.append(Link(name=name, bandwidth=bandwidth, latency=latency))
+            return len(links) - 1
+
+        # Halving is exact in binary floating point, so up + down == the catalogue latency.
+        intra_bw, intra_half = self.intra.bandwidth, self.intra.latency / 2
+        inter_bw, inter_half = self.inter.bandwidth, self.inter.latency / 2
+        has_intra = self.intra_kind == "pcie" or self.gpus_per_node > 1
+        tag = "nvl" if self.intra_kind == "nvlink" else "pcie"
+        gpu_up, gpu_down, nic_up, nic_down = [], [], [], []
+        for n in range(self.nodes):
+            if has_intra:
+                for g in range(self.gpus_per_node):
+                    gpu_up.append(add(f"node{n}.gpu{g}.{tag}_up", intra_bw, intra_half))
+                    gpu_down.append(add(f"node{n}.gpu{g}.{tag}_down", intra_bw, intra_half))
+            for k in range(self.nics_per_node):
+                nic_up.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half))
+                nic_down.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half))
+        leaf_up, leaf_down = [], []
+        topo = self.topology
+        if isinstance(topo, LeafSpine):
+            leaves = -(-self.nodes // topo.nodes_per_leaf)
+            aggregate = topo.nodes_per_leaf * self.nics_per_node * inter_bw
+            per_spine = aggregate / topo.oversubscription / topo.spines
+            for leaf in range(leaves):
+                for sp in range(topo.spines):
+                    leaf_up.append(add(f"leaf{leaf}->spine{sp}", per_spine, topo.hop_latency))
+                    leaf_down.append(add(f"spine{sp}->leaf{leaf}", per_spine, topo.hop_latency))
+        return _Graph(tuple(links), tuple(gpu_up), tuple(gpu_down), tuple(nic_up),
+                      tuple(nic_down), tuple(leaf_up), tuple(leaf_down))
+
+    @property
+    def links(self) -> tuple[Link, ...]:
+        """Every directed link; a link's id is its index here. Built once."""
+        return self._graph.links
+
+    @cached_property
+    def _link_ids(self) -> dict[str, int]:
+        return {lk.name: i for i, lk in enumerate(self.links)}
+
+    def link_id(self, name: str) -> int:
+        """The id of the link called ``name`` (e.g. ``"node0.nic0.up"``)."""
+        try:
+            return self._link_ids[name]
+        except KeyError:
+            raise ValueError(f"no link named {name!r} in this cluster") from None
+
+    @cached_property
+    def _routes(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        return {}
+
+    def route(self, src: int, dst: int) -> tuple[int, ...]:
+        """Link ids from rank ``src`` to rank ``dst`` (``src != dst``), per the module rules."""
+        key = (self._check_rank(src, "route src"), self._check_rank(dst, "route dst"))
+        path = self._routes.get(key)
+        if path is None:
+            path = self._routes[key] = self._compute_route(*key)
+        return path
+
+    def _compute_route(self, src: int, dst: int) -> tuple[int, ...]:
+        if src == dst:
+            raise ValueError(f"route needs two different ranks, got src == dst == {src}")
+        g = self._graph
+        src_node, dst_node = src // self.gpus_per_node, dst // self.gpus_per_node
+        if src_node == dst_node:
+            return (g.gpu_up[src], g.gpu_down[dst])
+        pcie = self.intra_kind == "pcie"
+        nics = self.nics_per_node
+        src_nic = src_node * nics + (src % self.gpus_per_node) % nics
+        dst_nic = dst_node * nics + (dst % self.gpus_per_node) % nics
+        path = [g.gpu_up[src]] if pcie else []
+        path.append(g.nic_up[src_nic])
+        topo = self.topology
+        if isinstance(topo, LeafSpine):
+            src_leaf, dst_leaf = src_node // topo.nodes_per_leaf, dst_node // topo.nodes_per_leaf
+            if src_leaf != dst_leaf:
+                spine = (src + dst) % topo.spines
+                path.append(g.leaf_up[src_leaf * topo.spines + spine])
+                path.append(g.leaf_down[dst_leaf * topo.spines + spine])
+        path.append(g.nic_down[dst_nic])
+        if pcie:
+            path.append(g.gpu_down[dst])
+        return tuple(path)
+
+    def path_latency(self, src: int, dst: int) -> float:
+        """Sum of link latencies on ``route(src, dst)``, seconds (exactly rounded)."""
+        return math.fsum(self.links[i].latency for i in self.route(src, dst))
+
+    def path_bandwidth(self, src: int, dst: int) -> float:
+        """Bottleneck bandwidth of ``route(src, dst)``, bytes/s."""
+        return min(self.links[i].bandwidth for i in self.route(src, dst))
+
+    # ------------------------------------------------------------------ serialisation
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict; ``Cluster.from_dict`` inverts it exactly."""
+        return {
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "device": self.device.to_dict(),
+            "intra": self.intra.to_dict(),
+            "intra_kind": self.intra_kind,
+            "inter": self.inter.to_dict(),
+            "nics_per_node": self.nics_per_node,
+            "topology": self.topology.to_dict(),
+            "devices": None if self.devices is None else [d.to_dict() for d in self.devices],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Cluster:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"Cluster.from_dict expects a mapping, got {d!r}")
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(allowed))
+        if unknown:
+            raise ValueError(f"Cluster: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(allowed)}")
+        required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+        missing = [name for name in required if name not in d]
+        if missing:
+            raise ValueError(f"Cluster: missing field(s) {', '.join(missing)}")
+        return cls(**d)

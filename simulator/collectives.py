@@ -1,0 +1,300 @@
+"""Collectives on the simulated network: step schedules become flows.
+
+A collective's step schedule (``strategies.collectives``) runs with per-rank
+step dependencies: a rank starts its transfers of step ``k`` once every
+transfer it took part in during earlier steps has completed, and a transfer
+starts when both its ends are ready. Every transfer is a flow in the
+max-min fair network, so collectives contend with each other and with
+point-to-point traffic.
+
+Fast path. Stepping a 1024-rank ring all-reduce means two million flows. When
+the outcome is known in closed form it is computed instead as a short chain of
+*bundle* flows. The schedule's phases are grouped into runs that repeat one set
+of (src, dst) pairs; each run becomes one flow over every link the run uses,
+carrying ``sum(repeat * chunk)`` bytes with latency ``sum(repeat * a)`` at
+bottleneck ``B``. This is taken only where it equals the stepped result
+uncontended: no link carries two transfers of one step, and either
+
+* there is one run (a ring) and one pair has both the largest latency ``a`` and
+  the smallest bottleneck ``B``: with per-rank dependencies that slowest pair
+  ``m`` gates every step (``T_r(k) <= k*d_m`` for all ranks by induction, and
+  ``T_m(k) >= T_m(k-1) + d_m``), so the collective ends at
+  ``sum(repeat * (a_m + chunk / B_m))``; or
+* in every run all pairs see the same ``a`` and ``B`` and every member takes
+  part in every phase, so all ranks finish every step together and the runs
+  follow one another (hierarchical all-reduce with a NIC per GPU, halving-
+  doubling on single-GPU nodes).
+
+Under contention the bundle advances at its fair share on its most loaded link,
+as a ring advances at the pace of its slowest hop. ``model="stepped"`` forces
+the step-by-step path.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Literal
+
+import simpy
+
+from simulator.network import Network
+from strategies.collectives import ALGORITHMS, schedule
+
+CollectiveModel = Literal["auto", "stepped"]
+COLLECTIVE_MODELS = ("auto", "stepped")
+
+
+@dataclass(frozen=True, slots=True)
+class _Bundle:
+    path: tuple[int, ...]
+    link_bytes: tuple[float, ...]
+    nbytes: float
+    latency: float
+
+
+@lru_cache(maxsize=256)
+def _schedule(op, algorithm, p, nbytes, root, node_of):
+    return schedule(op, algorithm, p, nbytes, root=root, node_of=node_of)
+
+
+class CollectiveRunner:
+    """Runs collective instances on a :class:`~simulator.network.Network`."""
+
+    def __init__(self, env: simpy.Environment, network: Network, cluster, *, model: CollectiveModel = "auto"):
+        if model not in COLLECTIVE_MODELS:
+            raise ValueError(f"collective model must be one of {COLLECTIVE_MODELS}, got {model!r}")
+        self.env = env
+        self.network = network
+        self.cluster = cluster
+        self.model = model
+        self._bundles: dict = {}
+        self.transfers = 0
+
+    def start(
+        self,
+        op: str,
+        algorithm: str,
+        group: Sequence[int],
+        nbytes: float,
+        *,
+        root: int = 0,
+        on_rank_done: Callable[[int], None],
+    ) -> None:
+        """Start a collective now; ``on_rank_done(i)`` fires as member ``i`` finishes."""
+        if op not in ALGORITHMS:
+            raise ValueError(f"collective op must be one of {tuple(ALGORITHMS)}, got {op!r}")
+        if algorithm not in ALGORITHMS[op]:
+            raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS[op])} for {op}, got {algorithm!r}")
+        group = tuple(group)
+        p = len(group)
+        node_of = tuple(self.cluster.node_of(r) for r in group)
+        sched = _schedule(op, algorithm, p, float(nbytes), root, node_of)
+        if sched.num_steps() == 0:
+            for i in range(p):
+                on_rank_done(i)
+            return
+        bundles = self._bundle(sched, group) if self.model == "auto" else None
+        if bundles is not None:
+            self._run_chain(bundles, 0, p, on_rank_done)
+            return
+        _SteppedRun(self, sched, group, on_rank_done).begin()
+
+    def _run_chain(self, bundles, k, p, on_rank_done) -> None:
+        if k == len(bundles):
+            for i in range(p):
+                on_rank_done(i)
+            return
+        b = bundles[k]
+        done = self.network.transfer(b.path, b.nbytes, b.latency, link_bytes=b.link_bytes)
+        self.transfers += 1
+        done.callbacks.append(lambda _e: self._run_chain(bundles, k + 1, p, on_rank_done))
+
+    # fast path
+    def _bundle(self, sched, group) -> tuple[_Bundle, ...] | None:
+        key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+        if key not in self._bundles:
+            self._bundles[key] = self._make_bundles(sched, group)
+        return self._bundles[key]
+
+    def _make_bundles(self, sched, group) -> tuple[_Bundle, ...] | None:
+        phases = sched.phases()
+        if not phases:
+            return None
+        # Runs: maximal stretches of phases that repeat one set of (src, dst) pairs.
+        runs: list[list] = []
+        for phase in phases:
+            if runs and frozenset(runs[-1][0].pairs) == frozenset(phase.pairs):
+                runs[-1].append(phase)
+            else:
+                runs.append([phase])
+        bundles = []
+        for run in runs:
+            made = self._run_bundle(run, group)
+            if made is None:
+                return None
+            bundle, uniform, everyone = made
+            if len(runs) > 1 and not (uniform and everyone):
+                return None  # ranks would leave this run at different times: step it
+            bundles.append(bundle)
+        return tuple(bundles)
+
+    def _run_bundle(self, run, group):
+        """One bundle for a run of phases with the same pairs, or None if it can't be exact."""
+        cluster = self.cluster
+        pairs = run[0].pairs
+        link_bytes: Counter = Counter()
+        used: set[int] = set()
+        stats = set()
+        run_bytes = sum(ph.repeat * ph.nbytes for ph in run)
+        for s, d in pairs:
+            gs, gd = group[s], group[d]
+            for link in cluster.route(gs, gd):
+                if link in used:
+                    return None  # two transfers of one step share a link
+                used.add(link)
+                link_bytes[link] += run_bytes
+            stats.add((cluster.path_latency(gs, gd), cluster.path_bandwidth(gs, gd)))
+        a, b = max(a for a, _ in stats), min(b for _, b in stats)
+        if (a, b) not in stats:
+            return None  # no single pair is slowest in both latency and bandwidth
+        everyone = {x for pair in pairs for x in pair} == set(range(len(group)))
+        path = tuple(link_bytes)
+        # The bundle drains at its most constrained link, which is the slowest pair's bottleneck.
+        assert min(cluster.links[i].bandwidth for i in path) == b
+        bundle = _Bundle(path, tuple(link_bytes[i] for i in path), run_bytes,
+                         sum(ph.repeat for ph in run) * a)
+        return bundle, len(stats) == 1, everyone
+
+
+class _SteppedRun:
+    """One collective instance executed step by step with per-rank dependencies."""
+
+    __slots__ = ("runner", "group", "on_rank_done", "steps", "parts", "pos", "pending", "remaining", "started")
+
+    def __init__(self, runner: CollectiveRunner, sched, group, on_rank_done):
+        self.runner = runner
+        self.group = group
+        self.on_rank_done = on_rank_done
+        # One message per (src, dst) in a step: same finish time under fair sharing, fewer flows.
+        self.steps = [_merge(step.transfers) for step in sched.steps()]
+        p = len(group)
+        self.parts: list[list[int]] = [[] for _ in range(p)]
+        # (step, rank) -> indices of that step's transfers the rank takes part in
+        self.pending: dict[tuple[int, int], list[int]] = {}
+        for k, transfers in enumerate(self.steps):
+            for idx, t in enumerate(transfers):
+                for r in (t.src, t.dst):
+                    mine = self.pending.get((k, r))
+                    if mine is None:
+                        self.parts[r].append(k)
+                        self.pending[(k, r)] = mine = []
+                    mine.append(idx)
+        self.remaining = {key: len(v) for key, v in self.pending.items()}
+        self.pos = [0] * p
+        self.started: set[tuple[int, int]] = set()
+
+    def _level(self, r: int) -> float:
+        part = self.parts[r]
+        return part[self.pos[r]] if self.pos[r] < len(part) else float("inf")
+
+    def begin(self) -> None:
+        for r in range(len(self.group)):
+            if not self.parts[r]:
+                self.on_rank_done(r)
+        for r in range(len(self.group)):
+            if self.parts[r]:
+                self._try_start(r)
+
+    def _try_start(self, r: int) -> None:
+        k = self._level(r)
+        if k == float("inf"):
+            return
+        transfers = self.steps[k]
+        for idx in self.pending[(k, r)]:
+            if (k, idx) not in self.started:
+                t = transfers[idx]
+                other = t.dst if t.src == r else t.src
+                if self._level(other) == k:
+                    self._start(k, idx, t)
+
+    def _start(self, k: int, idx: int, t) -> None:
+        self.started.add((k, idx))
+        runner = self.runner
+        gs, gd = self.group[t.src], self.group[t.dst]
+        done = runner.network.transfer(
+            runner.cluster.route(gs, gd), t.nbytes, runner.cluster.path_latency(gs, gd)
+        )
+        runner.transfers += 1
+        done.callbacks.append(lambda _e: self._finished(k, t))
+
+    def _finished(self, k: int, t) -> None:
+        advanced = []
+        for r in (t.src, t.dst):
+            key = (k, r)
+            self.remaining[key] -= 1
+            if self.remaining[key] == 0:
+                self.pos[r] += 1
+                advanced.append(r)
+        for r in advanced:
+            if self.pos[r] == len(self.parts[r]):
+                self.on_rank_done(r)
+            else:
+                self._try_start(r)
+
+
+@dataclass(frozen=True, slots=True)
+class _Message:
+    src: int
+    dst: int
+    nbytes: float
+
+
+def _merge(transfers) -> list[_Message]:
+    sizes: dict[tuple[int, int], float] = {}
+    for t in transfers:
+        key = (t.src, t.dst)
+        sizes[key] = sizes.get(key, 0.0) + t.nbytes
+    return [_Message(s, d, n) for (s, d), n in sizes.items()]
+
+
+def simulate_collective(
+    cluster,
+    op: str,
+    nbytes: float,
+    *,
+    algorithm: str,
+    ranks: Sequence[int] | None = None,
+    root: int = 0,
+    model: CollectiveModel = "auto",
+) -> float:
+    """Seconds one collective of ``nbytes`` takes on an idle ``cluster``.
+
+    ``ranks`` are the global ranks of the group (default: every rank); all of
+    them issue the collective at time zero. The result is when the last member
+    finishes.
+    """
+    if not nbytes >= 0:
+        raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+    group = tuple(range(cluster.world_size)) if ranks is None else tuple(ranks)
+    if not group:
+        raise ValueError("ranks must name at least one rank")
+    bad = [r for r in group if not 0 <= r < cluster.world_size]
+    if bad or len(set(group)) != len(group):
+        raise ValueError(
+            f"ranks must be distinct ranks in [0, {cluster.world_size}), got {list(group)[:16]}"
+        )
+    env = simpy.Environment()
+    network = Network(env, [link.bandwidth for link in cluster.links], record_busy=False)
+    runner = CollectiveRunner(env, network, cluster, model=model)
+    finish = [None] * len(group)
+
+    def done(i):
+        finish[i] = env.now
+
+    runner.start(op, algorithm, group, nbytes, root=root, on_rank_done=done)
+    env.run()
+    assert all(t is not None for t in finish), "collective did not complete"
+    return max(finish)

@@ -1,0 +1,166 @@
+"""How long compute ops take on a device.
+
+Per layer, a roofline: the larger of FLOPs at the device's peak for the
+precision (times an efficiency) and bytes moved at its memory bandwidth (times
+an efficiency), plus a launch overhead per kernel. Forward moves the weights
+once and the activations of every sample in and out; backward moves weights
+and weight gradients, and reads the saved input and the output gradient, and
+writes the input gradient. The optimizer step is memory-bound: it streams the
+fp32 parameters, gradients and optimizer state.
+
+Noise multiplies each op's time by a draw with mean 1 and the given
+coefficient of variation (lognormal, from the experiment's seeded generator);
+stragglers multiply every op of a rank by a fixed slowdown.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Literal
+
+import numpy as np
+
+Precision = Literal["fp32", "tf32", "fp16", "bf16"]
+PRECISION_BYTES = {"fp32": 4, "tf32": 4, "fp16": 2, "bf16": 2}
+Optimizer = Literal["sgd", "momentum", "adam", "adagrad", "rmsprop"]
+
+
+@dataclass(frozen=True, slots=True)
+class OptimizerCost:
+    words_moved: int
+    """fp32 words read plus written per parameter."""
+    flops: int
+    """Floating-point operations per parameter."""
+
+
+# SGD: read w, g, write w. Momentum: + read/write buffer. Adam: read w, g, m, v and
+# write w, m, v; ~12 FLOPs for the moments, bias correction and the sqrt/divide.
+OPTIMIZERS: Mapping[str, OptimizerCost] = MappingProxyType({
+    "sgd": OptimizerCost(3, 2),
+    "momentum": OptimizerCost(5, 4),
+    "adam": OptimizerCost(7, 12),
+    "adagrad": OptimizerCost(5, 6),
+    "rmsprop": OptimizerCost(5, 7),
+})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeModel:
+    """Variability of compute: noise and stragglers."""
+
+    noise_cv: float = 0.0
+    """Coefficient of variation of each compute op's time (0 = deterministic)."""
+    stragglers: Mapping[int, float] = field(default_factory=dict)
+    """Rank -> slowdown factor (2.0 = every op of that rank takes twice as long)."""
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.noise_cv, int | float) and 0 <= self.noise_cv < 10):
+            raise ValueError(f"compute.noise_cv must be a number in [0, 10), got {self.noise_cv!r}")
+        clean = {}
+        for rank, slowdown in dict(self.stragglers).items():
+            try:
+                r = int(rank)
+            except (TypeError, ValueError):
+                raise ValueError(f"compute.stragglers keys must be ranks (integers), got {rank!r}") from None
+            if r < 0:
+                raise ValueError(f"compute.stragglers rank must be >= 0, got {r}")
+            if not (isinstance(slowdown, int | float) and slowdown > 0 and math.isfinite(slowdown)):
+                raise ValueError(f"compute.stragglers[{r}] must be a slowdown factor > 0, got {slowdown!r}")
+            clean[r] = float(slowdown)
+        object.__setattr__(self, "stragglers", MappingProxyType(clean))
+
+    def to_dict(self) -> dict:
+        return {"noise_cv": self.noise_cv, "stragglers": {str(k): v for k, v in self.stragglers.items()}}
+
+
+def layer_times(workload, device, precision: str, samples: int) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward seconds of every layer for a batch of ``samples``."""
+    if precision not in PRECISION_BYTES:
+        raise ValueError(f"precision must be one of {tuple(PRECISION_BYTES)}, got {precision!r}")
+    e = PRECISION_BYTES[precision]
+    peak = device.flops(precision) * device.compute_efficiency
+    bw = device.mem_bandwidth * device.memory_efficiency
+    overhead = device.kernel_overhead
+    n = len(workload.layers)
+    fwd = np.empty(n)
+    bwd = np.empty(n)
+    for i, layer in enumerate(workload.layers):
+        if layer.fwd_time is not None and layer.bwd_time is not None:
+            fwd[i], bwd[i] = _measured(workload, layer, samples)
+            continue
+        f_bytes = e * (layer.params + samples * (layer.input_elems + layer.output_elems))
+        b_bytes = e * (2 * layer.params + samples * (layer.output_elems + 2 * layer.input_elems))
+        fwd[i] = max(layer.fwd_flops * samples / peak, f_bytes / bw) + layer.kernels * overhead
+        bwd[i] = max(layer.bwd_flops * samples / peak, b_bytes / bw) + 2 * layer.kernels * overhead
+    return fwd, bwd
+
+
+def _measured(workload, layer, samples: int) -> tuple[float, float]:
+    """Measured per-layer times, scaled linearly from the batch they were measured at."""
+    batch = getattr(workload, "calibration_batch", None) or samples
+    scale = samples / batch
+    return layer.fwd_time * scale, layer.bwd_time * scale
+
+
+def optimizer_time(params: float, device, optimizer: str, *, kernels: int = 1) -> float:
+    """Seconds to update ``params`` fp32 parameters with ``optimizer``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+    cost = OPTIMIZERS[optimizer]
+    flops = cost.flops * params / (device.flops("fp32") * device.compute_efficiency)
+    mem = 4 * cost.words_moved * params / (device.mem_bandwidth * device.memory_efficiency)
+    return max(flops, mem) + kernels * device.kernel_overhead
+
+
+class ComputeTimer:
+    """Per-simulation timing of compute ops: cached prefix sums per device and batch."""
+
+    def __init__(self, workload, devices, precision: str, optimizer: str, model: ComputeModel, rng):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
+        self.workload = workload
+        self.devices = devices
+        self.precision = precision
+        self.optimizer = optimizer
+        self.model = model
+        self.rng = rng
+        self._prefix: dict = {}
+        params = np.array([layer.params for layer in workload.layers], dtype=float)
+        self._param_prefix = np.concatenate(([0.0], np.cumsum(params)))
+        self._kernel_prefix = np.concatenate(([0], np.cumsum(params > 0)))
+        cv = model.noise_cv
+        self._sigma = math.sqrt(math.log1p(cv * cv)) if cv > 0 else 0.0
+
+    def _sums(self, device, samples: int):
+        key = (id(device), samples)
+        sums = self._prefix.get(key)
+        if sums is None:
+            fwd, bwd = layer_times(self.workload, device, self.precision, samples)
+            sums = (np.concatenate(([0.0], np.cumsum(fwd))), np.concatenate(([0.0], np.cumsum(bwd))))
+            self._prefix[key] = (device, sums)  # keep device alive so id() stays unique
+            return sums
+        return sums[1]
+
+    def base_time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0) -> float:
+        """Noise-free seconds of a compute op on ``rank``'s device."""
+        device = self.devices[rank]
+        a, b = span
+        if kind == "optimizer_step":
+            params = (self._param_prefix[b] - self._param_prefix[a]) * fraction
+            kernels = int(self._kernel_prefix[b] - self._kernel_prefix[a])
+            return optimizer_time(params, device, self.optimizer, kernels=kernels) if params else 0.0
+        fwd, bwd = self._sums(device, samples)
+        sums = fwd if kind == "forward" else bwd
+        return float(sums[b] - sums[a])
+
+    def time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0) -> float:
+        t = self.base_time(rank, kind, span, samples, fraction)
+        slowdown = self.model.stragglers.get(rank)
+        if slowdown is not None:
+            t *= slowdown
+        if self._sigma:
+            t *= self.rng.lognormal(-0.5 * self._sigma**2, self._sigma)
+        return t

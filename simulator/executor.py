@@ -1,0 +1,314 @@
+"""The simulator's executor: role programs run as SimPy processes.
+
+Each rank's program is driven by one process. Compute ops hold the rank's
+compute stream (the program itself) for the compute model's time. Collectives
+go onto the rank's communication stream in issue order (as on a NCCL stream):
+a collective starts once every member has reached it on its own stream, then
+its step schedule runs on the flow-level network; ``async_op`` returns a
+handle at once and ``Wait`` blocks on it. Point-to-point sends are flows that
+deliver a message to the receiver's mailbox; ``Recv`` matches source and tag,
+``RecvAny`` takes the first message with the tag.
+
+Everything a run needs lives in one :class:`_Simulation`: its own
+environment, random generator, network and records. Nothing is global.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+import numpy as np
+import simpy
+
+from simulator.collectives import CollectiveRunner
+from simulator.compute import ComputeTimer
+from simulator.network import Network
+from simulator.results import RunResult, build_result
+from strategies.context import Job, RankContext
+from strategies.ops import (
+    Backward,
+    Collective,
+    Forward,
+    Message,
+    OptimizerStep,
+    Recv,
+    RecvAny,
+    Send,
+    Wait,
+)
+
+_COMPUTE_KIND = {Forward: "forward", Backward: "backward", OptimizerStep: "optimizer_step"}
+
+
+class Handle:
+    """What an async op returns to its program; ``Wait(handle)`` blocks on it."""
+
+    __slots__ = ("event", "op")
+
+    def __init__(self, event: simpy.Event, op):
+        self.event = event
+        self.op = op
+
+    def is_completed(self) -> bool:
+        return self.event.triggered
+
+
+class _Instance:
+    """One collective call, matched across the members of its group."""
+
+    __slots__ = ("op", "group", "seq", "arrived", "events", "start")
+
+    def __init__(self, op: Collective, group: tuple[int, ...], seq: int, env: simpy.Environment):
+        self.op = op
+        self.group = group
+        self.seq = seq
+        self.arrived = 0
+        self.events = [env.event() for _ in group]
+        self.start = None
+
+
+class _Simulation:
+    def __init__(self, experiment):
+        self.exp = experiment
+        self.env = env = simpy.Environment()
+        self.rng = np.random.default_rng(experiment.seed)
+        cluster = experiment.cluster
+        self.cluster = cluster
+        self.world = world = cluster.world_size
+        self.network = Network(env, [link.bandwidth for link in cluster.links])
+        self.collectives = CollectiveRunner(env, self.network, cluster, model=experiment.collective_model)
+        self.devices = [cluster.device_of(r) for r in range(world)]
+        self.timer = ComputeTimer(
+            experiment.workload, self.devices, experiment.precision, experiment.optimizer,
+            experiment.compute, self.rng,
+        )
+        self.job = Job(
+            world_size=world,
+            iterations=experiment.iterations,
+            batch_size=experiment.batch_size,
+            layer_params=tuple(layer.params for layer in experiment.workload.layers),
+            node_of=tuple(cluster.node_of(r) for r in range(world)),
+        )
+        self.everyone = tuple(range(world))
+        # records
+        self.spans: list[tuple] = []  # (rank, stream, name, start, end, iteration)
+        self.iteration_rows: list[tuple] = []
+        self.bytes_sent = [0.0] * world
+        self.ops_done = 0
+        # per-rank state
+        self._iteration = [-1] * world
+        self._it_start = [0.0] * world
+        self._compute_acc = [0.0] * world
+        self._comm_acc = [0.0] * world
+        self._comm_tail: list[simpy.Event | None] = [None] * world
+        self._coll_seq: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._instances: dict[tuple[tuple[int, ...], int], _Instance] = {}
+        self._mailbox = [deque() for _ in range(world)]
+        self._waiting: list[list] = [[] for _ in range(world)]
+        self._blocked_on: list = [None] * world
+        self._finished = [False] * world
+
+    # driving programs
+    def run(self) -> RunResult:
+        wall = time.perf_counter()
+        programs = self.exp.strategy.programs(self.job)
+        if len(programs) != self.world:
+            raise RuntimeError(f"strategy made {len(programs)} programs for {self.world} ranks")
+        for rank, program in enumerate(programs):
+            ctx = RankContext(rank, self.job, on_iteration=self._iteration_hook(rank))
+            self.env.process(self._drive(rank, program(ctx)))
+        self.env.run()
+        if not all(self._finished):
+            stuck = [(r, self._blocked_on[r]) for r in range(self.world) if not self._finished[r]]
+            detail = "; ".join(f"rank {r} waits on {op!r}" for r, op in stuck[:4])
+            raise RuntimeError(f"simulation deadlocked: {len(stuck)} rank(s) never finished ({detail})")
+        stats = {
+            "wall_seconds": time.perf_counter() - wall,
+            "ops": self.ops_done,
+            "flows": self.network.flows_started,
+            "single_device_iteration_time": self._single_device_time(),
+        }
+        return build_result(self, stats)
+
+    def _single_device_time(self) -> float:
+        n = len(self.exp.workload.layers)
+        b = self.exp.batch_size
+        t = self.timer
+        return sum(t.base_time(0, k, (0, n), b) for k in ("forward", "backward", "optimizer_step"))
+
+    def _iteration_hook(self, rank: int):
+        def hook(kind: str, i: int) -> None:
+            now = self.env.now
+            if kind == "start":
+                self._iteration[rank] = i
+                self._it_start[rank] = now
+                self._compute_acc[rank] = 0.0
+                self._comm_acc[rank] = 0.0
+            else:
+                start = self._it_start[rank]
+                compute = self._compute_acc[rank]
+                self.iteration_rows.append(
+                    (rank, i, start, now, now - start, compute, self._comm_acc[rank], now - start - compute)
+                )
+
+        return hook
+
+    def _drive(self, rank: int, program):
+        env = self.env
+        timer = self.timer
+        spans = self.spans
+        value = None
+        while True:
+            try:
+                op = program.send(value)
+            except StopIteration:
+                self._finished[rank] = True
+                return
+            except Exception as exc:
+                raise RuntimeError(f"role program of rank {rank} failed: {exc!r}") from exc
+            self._blocked_on[rank] = op
+            self.ops_done += 1
+            value = None
+            kind = _COMPUTE_KIND.get(type(op))
+            if kind is not None:
+                if kind == "optimizer_step":
+                    dur = timer.time(rank, kind, op.layers, 0, op.fraction)
+                    name = kind
+                else:
+                    dur = timer.time(rank, kind, op.segment, op.samples)
+                    name = f"{kind}[{op.segment[0]}:{op.segment[1]}]"
+                start = env.now
+                yield env.timeout(dur)
+                spans.append((rank, "compute", name, start, env.now, self._iteration[rank]))
+                self._compute_acc[rank] += dur
+            elif type(op) is Collective:
+                handle = self._collective(rank, op)
+                if op.async_op:
+                    value = handle
+                else:
+                    yield handle.event
+            elif type(op) is Wait:
+                if not isinstance(op.handle, Handle):
+                    raise RuntimeError(f"rank {rank} waited on {op.handle!r}, which no async op returned")
+                yield op.handle.event
+            elif type(op) is Send:
+                handle = self._send(rank, op)
+                if op.async_op:
+                    value = handle
+                else:
+                    yield handle.event
+            elif type(op) is Recv or type(op) is RecvAny:
+                event = self._recv(rank, op)
+                if getattr(op, "async_op", False):
+                    value = Handle(event, op)
+                else:
+                    value = yield event
+            else:
+                raise RuntimeError(f"rank {rank} yielded {op!r}, which is not an op of strategies.ops")
+
+    # collectives
+    def _collective(self, rank: int, op: Collective) -> Handle:
+        group = self.everyone if op.group is None else op.group
+        try:
+            local = group.index(rank)
+        except ValueError:
+            raise RuntimeError(f"rank {rank} issued {op.op} on group {group} it is not in") from None
+        key = (rank, group)
+        seq = self._coll_seq.get(key, 0)
+        self._coll_seq[key] = seq + 1
+        inst = self._instances.get((group, seq))
+        if inst is None:
+            inst = self._instances[(group, seq)] = _Instance(op, group, seq, self.env)
+        elif (inst.op.op, inst.op.algorithm, inst.op.tensor.nbytes, inst.op.root) != (
+            op.op, op.algorithm, op.tensor.nbytes, op.root
+        ):
+            raise RuntimeError(
+                f"collective mismatch on group {group[:8]}: rank {rank} issued {op.op}/{op.algorithm} "
+                f"of {op.tensor.nbytes} bytes, another member issued {inst.op.op}/{inst.op.algorithm} "
+                f"of {inst.op.tensor.nbytes} bytes"
+            )
+        event = inst.events[local]
+        prev = self._comm_tail[rank]
+        self._comm_tail[rank] = event
+        if prev is None or prev.processed:
+            self._arrive(inst)
+        else:
+            prev.callbacks.append(lambda _e: self._arrive(inst))
+        return Handle(event, op)
+
+    def _arrive(self, inst: _Instance) -> None:
+        inst.arrived += 1
+        if inst.arrived < len(inst.group):
+            return
+        del self._instances[(inst.group, inst.seq)]
+        inst.start = self.env.now
+        op = inst.op
+        self.collectives.start(
+            op.op, op.algorithm, inst.group, op.tensor.nbytes, root=op.root,
+            on_rank_done=lambda i: self._member_done(inst, i),
+        )
+        self._count_bytes(inst)
+
+    def _count_bytes(self, inst: _Instance) -> None:
+        from simulator.collectives import _schedule
+
+        op = inst.op
+        node_of = tuple(self.cluster.node_of(r) for r in inst.group)
+        sent = _schedule(op.op, op.algorithm, len(inst.group), float(op.tensor.nbytes), op.root, node_of).bytes_sent()
+        for local, rank in enumerate(inst.group):
+            self.bytes_sent[rank] += float(sent[local])
+
+    def _member_done(self, inst: _Instance, local: int) -> None:
+        rank = inst.group[local]
+        now = self.env.now
+        op = inst.op
+        self.spans.append((rank, "comm", f"{op.op}:{op.tensor.name}", inst.start, now, self._iteration[rank]))
+        self._comm_acc[rank] += now - inst.start
+        inst.events[local].succeed()
+
+    # point-to-point
+    def _send(self, rank: int, op: Send) -> Handle:
+        if not 0 <= op.dst < self.world or op.dst == rank:
+            raise RuntimeError(f"rank {rank} sends to rank {op.dst}: not another rank in [0, {self.world})")
+        start = self.env.now
+        cluster = self.cluster
+        done = self.network.transfer(
+            cluster.route(rank, op.dst), op.tensor.nbytes, cluster.path_latency(rank, op.dst)
+        )
+        self.bytes_sent[rank] += op.tensor.nbytes
+        message = Message(rank, op.tensor, op.tag)
+
+        def delivered(_e):
+            self.spans.append((rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, self.env.now,
+                               self._iteration[rank]))
+            self._comm_acc[rank] += self.env.now - start
+            self._deliver(op.dst, message)
+
+        done.callbacks.append(delivered)
+        return Handle(done, op)
+
+    def _deliver(self, dst: int, message: Message) -> None:
+        for i, (src, tag, event) in enumerate(self._waiting[dst]):
+            if tag == message.tag and (src is None or src == message.src):
+                del self._waiting[dst][i]
+                event.succeed(message)
+                return
+        self._mailbox[dst].append(message)
+
+    def _recv(self, rank: int, op) -> simpy.Event:
+        src = op.src if type(op) is Recv else None
+        event = self.env.event()
+        box = self._mailbox[rank]
+        for i, message in enumerate(box):
+            if message.tag == op.tag and (src is None or message.src == src):
+                del box[i]
+                event.succeed(message)
+                return event
+        self._waiting[rank].append((src, op.tag, event))
+        return event
+
+
+def simulate(experiment) -> RunResult:
+    """Run ``experiment`` in the simulator and return its :class:`RunResult`."""
+    return _Simulation(experiment).run()

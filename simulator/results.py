@@ -1,0 +1,206 @@
+"""Run results: flat tables, headline metrics, exports.
+
+Executors record flat rows; everything here is a function of those rows (and
+of the experiment that made them), so simulated and real runs share one
+schema:
+
+* ``iterations``: rank, iteration, start, end, duration, compute, comm,
+  exposed_comm (= duration - compute: time the compute stream was not busy),
+  samples
+* ``timeline``: resource, rank, stream, name, start, end, iteration — one span
+  per compute op, per collective member, per send, and per busy interval of a
+  link (rank -1)
+* ``links``: link, name, bandwidth, bytes, busy_time, utilisation
+* ``updates``: worker, version_read, version_applied, staleness, time (filled
+  by strategies that apply updates one by one, e.g. a parameter server)
+* ``ranks``: rank, node, device, bytes_sent
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ITERATION_COLUMNS = ["rank", "iteration", "start", "end", "duration", "compute", "comm", "exposed_comm", "samples"]
+TIMELINE_COLUMNS = ["resource", "rank", "stream", "name", "start", "end", "iteration"]
+LINK_COLUMNS = ["link", "name", "bandwidth", "bytes", "busy_time", "utilisation"]
+UPDATE_COLUMNS = ["worker", "version_read", "version_applied", "staleness", "time"]
+
+
+@dataclass
+class RunResult:
+    """What a run produced, simulated or real, and the experiment that made it."""
+
+    experiment: dict
+    """The experiment as a dict (``Experiment.from_dict`` rebuilds it)."""
+    iterations: pd.DataFrame
+    timeline: pd.DataFrame
+    links: pd.DataFrame
+    ranks: pd.DataFrame
+    updates: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=UPDATE_COLUMNS))
+    stats: dict = field(default_factory=dict)
+    """Run facts: makespan, wall_seconds, ops, flows, single_device_iteration_time, peak FLOP/s..."""
+
+    def summary(self) -> dict:
+        """Headline metrics as a flat dict (SI units)."""
+        return summarise(self)
+
+    def summary_frame(self) -> pd.DataFrame:
+        return pd.DataFrame([self.summary()])
+
+    def to_chrome_trace(self, path: str | Path) -> Path:
+        """Write the timeline as Chrome trace JSON (opens in Perfetto or chrome://tracing)."""
+        path = Path(path)
+        path.write_text(json.dumps(chrome_trace(self)))
+        return path
+
+    def save(self, folder: str | Path) -> Path:
+        """Write every table as CSV, the summary and the experiment as JSON."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("iterations", "timeline", "links", "ranks", "updates"):
+            getattr(self, name).to_csv(folder / f"{name}.csv", index=False)
+        (folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
+        (folder / "experiment.json").write_text(json.dumps(self.experiment, indent=1))
+        return folder
+
+
+def build_result(sim, stats: dict) -> RunResult:
+    """Tables from a finished simulation's records."""
+    exp = sim.exp
+    it = pd.DataFrame(sim.iteration_rows, columns=ITERATION_COLUMNS[:-1])
+    it["samples"] = exp.batch_size
+    it = it.sort_values(["iteration", "rank"], kind="stable").reset_index(drop=True)
+    cluster = sim.cluster
+    net = sim.network
+    names = [link.name for link in cluster.links]
+    spans = pd.DataFrame(sim.spans, columns=["rank", "stream", "name", "start", "end", "iteration"])
+    spans.insert(0, "resource", "rank" + spans["rank"].astype(str) + "/" + spans["stream"])
+    if net.busy_intervals:
+        lk = np.array(net.busy_intervals)
+        idx = lk[:, 0].astype(int)
+        link_spans = pd.DataFrame({
+            "resource": ["link/" + names[i] for i in idx],
+            "rank": -1,
+            "stream": "link",
+            "name": [names[i] for i in idx],
+            "start": lk[:, 1],
+            "end": lk[:, 2],
+            "iteration": -1,
+        })
+        spans = pd.concat([spans, link_spans], ignore_index=True)
+    makespan = float(sim.env.now)
+    links = pd.DataFrame({
+        "link": np.arange(len(names)),
+        "name": names,
+        "bandwidth": [link.bandwidth for link in cluster.links],
+        "bytes": net.bytes,
+        "busy_time": net.busy_time,
+    })
+    links["utilisation"] = links["busy_time"] / makespan if makespan > 0 else 0.0
+    ranks = pd.DataFrame({
+        "rank": np.arange(sim.world),
+        "node": [cluster.node_of(r) for r in range(sim.world)],
+        "device": [d.name for d in sim.devices],
+        "peak_flops": [d.flops(exp.precision) for d in sim.devices],
+        "bytes_sent": sim.bytes_sent,
+    })
+    workload = exp.workload
+    stats = dict(stats)
+    stats.update(
+        makespan=makespan,
+        world_size=sim.world,
+        batch_size=exp.batch_size,
+        flops_per_sample=float(workload.fwd_flops + workload.bwd_flops),
+        executor="simulator",
+    )
+    return RunResult(
+        experiment=exp.to_dict(),
+        iterations=it,
+        timeline=spans,
+        links=links,
+        ranks=ranks,
+        stats=stats,
+    )
+
+
+def _quantile(values: pd.Series, q: float) -> float:
+    return float(np.quantile(values.to_numpy(), q)) if len(values) else float("nan")
+
+
+def summarise(result: RunResult) -> dict:
+    """Throughput, iteration time statistics, efficiency and utilisation."""
+    st = result.stats
+    it = result.iterations
+    makespan = st["makespan"]
+    samples = float(it["samples"].sum()) if len(it) else 0.0
+    throughput = samples / makespan if makespan > 0 else float("nan")
+    durations = it["duration"]
+    world = st["world_size"]
+    single = st.get("single_device_iteration_time")
+    single_tp = st["batch_size"] / single if single else float("nan")
+    compute_busy = it["compute"].sum() / (world * makespan) if makespan > 0 else float("nan")
+    peak = float(result.ranks["peak_flops"].sum())
+    achieved = samples * st["flops_per_sample"] / makespan if makespan > 0 else float("nan")
+    links = result.links
+    used = links[links["bytes"] > 0]
+    summary = {
+        "executor": st.get("executor", ""),
+        "world_size": world,
+        "iterations": int(it["iteration"].nunique()) if len(it) else 0,
+        "makespan": makespan,
+        "throughput": throughput,
+        "iteration_time_mean": float(durations.mean()) if len(it) else float("nan"),
+        "iteration_time_p50": _quantile(durations, 0.5),
+        "iteration_time_p99": _quantile(durations, 0.99),
+        "compute_time_mean": float(it["compute"].mean()) if len(it) else float("nan"),
+        "exposed_comm_mean": float(it["exposed_comm"].mean()) if len(it) else float("nan"),
+        "scaling_efficiency": throughput / (world * single_tp) if single else float("nan"),
+        "compute_utilisation": float(compute_busy),
+        "model_flops_utilisation": achieved / peak if peak > 0 else float("nan"),
+        "achieved_flops_per_device": achieved / world if world else float("nan"),
+        "network_utilisation": float(used["utilisation"].mean()) if len(used) else 0.0,
+        "bytes_on_wire": float(result.ranks["bytes_sent"].sum()),
+    }
+    up = result.updates
+    if len(up):
+        s = up["staleness"]
+        summary.update(
+            staleness_mean=float(s.mean()),
+            staleness_p50=_quantile(s, 0.5),
+            staleness_p99=_quantile(s, 0.99),
+            staleness_max=float(s.max()),
+        )
+    return summary
+
+
+def chrome_trace(result: RunResult) -> dict:
+    """Trace-event JSON: one process per rank (threads compute, comm) and one for links."""
+    events = []
+    tl = result.timeline
+    ranks = sorted(int(r) for r in tl.loc[tl["rank"] >= 0, "rank"].unique())
+    link_pid = (max(ranks) + 1) if ranks else 0
+    for r in ranks:
+        events.append({"ph": "M", "name": "process_name", "pid": r, "args": {"name": f"rank {r}"}})
+        for tid, stream in enumerate(("compute", "comm")):
+            events.append({"ph": "M", "name": "thread_name", "pid": r, "tid": tid, "args": {"name": stream}})
+    events.append({"ph": "M", "name": "process_name", "pid": link_pid, "args": {"name": "links"}})
+    link_tids: dict[str, int] = {}
+    for row in tl.itertuples(index=False):
+        if row.rank >= 0:
+            pid, tid = int(row.rank), 0 if row.stream == "compute" else 1
+        else:
+            tid = link_tids.setdefault(row.name, len(link_tids))
+            pid = link_pid
+        events.append({
+            "ph": "X", "name": row.name, "cat": row.stream, "pid": pid, "tid": tid,
+            "ts": row.start * 1e6, "dur": max(row.end - row.start, 0.0) * 1e6,
+            "args": {"iteration": int(row.iteration)},
+        })
+    for name, tid in link_tids.items():
+        events.append({"ph": "M", "name": "thread_name", "pid": link_pid, "tid": tid, "args": {"name": name}})
+    return {"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"experiment": result.experiment}}

@@ -1,0 +1,130 @@
+"""Flow-level network: exact timed traces against closed forms."""
+
+import math
+
+import pytest
+import simpy
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulator.network import Network
+
+
+def run_flows(capacities, flows):
+    """flows: (start, path, nbytes, latency, label). Returns {label: finish time}."""
+    env = simpy.Environment()
+    net = Network(env, capacities)
+    log = {}
+
+    def starter(start, path, nbytes, latency, label):
+        yield env.timeout(start)
+        yield net.transfer(path, nbytes, latency)
+        log[label] = env.now
+
+    for f in flows:
+        env.process(starter(*f))
+    env.run()
+    return log, net
+
+
+def close(a, b, rel=1e-9):
+    return math.isclose(a, b, rel_tol=rel, abs_tol=0)
+
+
+def test_single_flow_is_latency_plus_size_over_bandwidth():
+    n, B, a = 123_456_789.0, 12.5e9, 7e-6
+    log, _ = run_flows([B], [(0, (0,), n, a, "f")])
+    assert close(log["f"], a + n / B)
+
+
+@given(
+    n=st.floats(1, 1e11),
+    B=st.floats(1e6, 1e12),
+    a=st.floats(0, 1e-3),
+)
+@settings(max_examples=60, deadline=None)
+def test_single_flow_property(n, B, a):
+    log, _ = run_flows([B], [(0, (0,), n, a, "f")])
+    assert close(log["f"], a + n / B)
+
+
+def test_two_flows_share_a_link_equally():
+    n, B = 1e9, 1e9
+    log, _ = run_flows([B], [(0, (0,), n, 0.0, "x"), (0, (0,), n, 0.0, "y")])
+    # each gets B/2, both end at 2n/B
+    assert close(log["x"], 2 * n / B) and close(log["y"], 2 * n / B)
+
+
+def test_unequal_flows_on_one_link_trace():
+    B = 100.0
+    log, _ = run_flows([B], [(0, (0,), 100.0, 0.0, "small"), (0, (0,), 300.0, 0.0, "big")])
+    # both at 50 B/s until small ends at 2 s (big has 200 left), then big alone at 100 B/s: +2 s
+    assert close(log["small"], 2.0)
+    assert close(log["big"], 4.0)
+
+
+def test_late_arrival_reshares():
+    B = 10.0
+    log, _ = run_flows([B], [(0, (0,), 100.0, 0.0, "first"), (5, (0,), 20.0, 0.0, "second")])
+    # first alone 5 s (50 bytes), then both at 5 B/s: second needs 4 s -> 9; first has 30 left at 9 -> +3
+    assert close(log["second"], 9.0)
+    assert close(log["first"], 12.0)
+
+
+def test_bottleneck_of_a_two_link_path():
+    log, _ = run_flows([40.0, 10.0], [(0, (0, 1), 100.0, 0.5, "f")])
+    assert close(log["f"], 0.5 + 100.0 / 10.0)
+
+
+def test_max_min_fairness_three_flows():
+    # link0 cap 1 shared by A and B; link1 cap 2 shared by A and C.
+    # Max-min: link0 is the bottleneck at 0.5 each; C takes 2 - 0.5 = 1.5.
+    log, _ = run_flows(
+        [1.0, 2.0],
+        [(0, (0, 1), 1.0, 0.0, "A"), (0, (0,), 1.0, 0.0, "B"), (0, (1,), 3.0, 0.0, "C")],
+    )
+    assert close(log["A"], 2.0) and close(log["B"], 2.0)
+    assert close(log["C"], 2.0)  # 3 bytes at 1.5 B/s
+
+
+def test_latency_paid_once_per_flow_and_after_drain():
+    # Two flows on one link with different latencies: bandwidth is shared while both drain.
+    log, _ = run_flows([1.0], [(0, (0,), 1.0, 5.0, "slow"), (0, (0,), 1.0, 0.0, "fast")])
+    assert close(log["fast"], 2.0)
+    assert close(log["slow"], 7.0)
+
+
+def test_zero_byte_flow_takes_latency_only():
+    log, _ = run_flows([1.0], [(0, (0,), 0.0, 3e-6, "z")])
+    assert close(log["z"], 3e-6)
+
+
+def test_counters_bytes_and_busy_time():
+    log, net = run_flows([10.0, 5.0], [(0, (0, 1), 50.0, 0.0, "a"), (20, (0,), 10.0, 0.0, "b")])
+    assert net.bytes == [60.0, 50.0]
+    assert close(net.busy_time[1], 10.0)
+    assert close(net.busy_time[0], 10.0 + 1.0)
+    assert sorted(net.busy_intervals) == sorted([(0, 0.0, 10.0), (1, 0.0, 10.0), (0, 20.0, 21.0)])
+
+
+@given(sizes=st.lists(st.floats(1.0, 1e6), min_size=1, max_size=12), B=st.floats(1.0, 1e9))
+@settings(max_examples=50, deadline=None)
+def test_work_conserving_single_link(sizes, B):
+    """Flows starting together on one link: the k-th smallest ends at sum_{i<k} s_i + (n-k+1) s_k over B."""
+    flows = [(0, (0,), s, 0.0, i) for i, s in enumerate(sizes)]
+    log, _ = run_flows([B], flows)
+    ordered = sorted(sizes)
+    n = len(ordered)
+    for k, s in enumerate(ordered):
+        expected = (sum(ordered[:k]) + (n - k) * s) / B
+        finished = sorted(log.values())[k]
+        assert math.isclose(finished, expected, rel_tol=1e-9)
+
+
+def test_rejects_bad_capacity_and_size():
+    env = simpy.Environment()
+    with pytest.raises(ValueError, match="capacity"):
+        Network(env, [1.0, -2.0])
+    net = Network(env, [1.0])
+    with pytest.raises(ValueError, match="nbytes"):
+        net.transfer((0,), -1.0)
