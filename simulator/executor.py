@@ -103,6 +103,7 @@ class _Simulation:
         self._comm_acc = [0.0] * world
         self._comm_tail: list[simpy.Event | None] = [None] * world
         self._coll_seq: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._group_index: dict[tuple[int, ...], dict[int, int]] = {}
         self._instances: dict[tuple[tuple[int, ...], int], _Instance] = {}
         self._mailbox = [deque() for _ in range(world)]
         self._waiting: list[list] = [[] for _ in range(world)]
@@ -210,10 +211,12 @@ class _Simulation:
     # collectives
     def _collective(self, rank: int, op: Collective) -> Handle:
         group = self.everyone if op.group is None else op.group
-        try:
-            local = group.index(rank)
-        except ValueError:
-            raise RuntimeError(f"rank {rank} issued {op.op} on group {group} it is not in") from None
+        index = self._group_index.get(group)
+        if index is None:
+            index = self._group_index[group] = {r: i for i, r in enumerate(group)}
+        local = index.get(rank)
+        if local is None:
+            raise RuntimeError(f"rank {rank} issued {op.op} on group {group[:16]} it is not in")
         key = (rank, group)
         seq = self._coll_seq.get(key, 0)
         self._coll_seq[key] = seq + 1

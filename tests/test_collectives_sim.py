@@ -1,0 +1,153 @@
+"""Simulated collectives against their closed forms (alpha-beta), stepped and fast."""
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from simulator.cluster import Cluster, LeafSpine
+from simulator.collectives import simulate_collective
+from simulator.hardware import LinkSpec
+
+A = 5e-6  # latency, s
+B = 12.5e9  # bandwidth, bytes/s
+N = 256e6  # message, bytes
+
+
+def flat(p, *, a=A, b=B, topology=None):
+    """p single-GPU nodes on one non-blocking switch with NIC links (b, a)."""
+    kw = {} if topology is None else {"topology": topology}
+    return Cluster.homogeneous(nodes=p, gpus_per_node=1, inter=LinkSpec(name="net", bandwidth=b, latency=a), **kw)
+
+
+def rel(x, y):
+    return abs(x - y) / y
+
+
+@pytest.mark.parametrize("model", ["auto", "stepped"])
+@pytest.mark.parametrize("p", [2, 3, 4, 8, 16, 64])
+def test_ring_all_reduce(p, model):
+    expected = 2 * (p - 1) * A + 2 * (p - 1) / p * N / B
+    t = simulate_collective(flat(p), "all_reduce", N, algorithm="ring", model=model)
+    assert rel(t, expected) < 0.005
+
+
+@pytest.mark.parametrize("model", ["auto", "stepped"])
+@pytest.mark.parametrize("p", [2, 4, 8, 16, 64])
+def test_halving_doubling_all_reduce_power_of_two(p, model):
+    expected = 2 * math.log2(p) * A + 2 * (p - 1) / p * N / B
+    t = simulate_collective(flat(p), "all_reduce", N, algorithm="halving_doubling", model=model)
+    assert rel(t, expected) < 0.005
+
+
+@pytest.mark.parametrize("model", ["auto", "stepped"])
+@pytest.mark.parametrize("p", [2, 3, 4, 8, 16, 64])
+def test_ring_all_gather(p, model):
+    expected = (p - 1) * A + (p - 1) / p * N / B
+    t = simulate_collective(flat(p), "all_gather", N, algorithm="ring", model=model)
+    assert rel(t, expected) < 0.005
+
+
+@pytest.mark.parametrize("p", [2, 5, 8, 13])
+def test_ring_reduce_scatter_and_binomial_broadcast(p):
+    t = simulate_collective(flat(p), "reduce_scatter", N, algorithm="ring")
+    assert rel(t, (p - 1) * (A + N / p / B)) < 1e-9
+    t = simulate_collective(flat(p), "broadcast", N, algorithm="tree")
+    assert rel(t, math.ceil(math.log2(p)) * (A + N / B)) < 1e-9
+
+
+def test_non_power_of_two_halving_doubling_pays_the_fold():
+    # p = 6: 2 extra ranks fold into partners (one full-buffer step before, one after),
+    # then halving-doubling over 4 ranks: 2*log2(4) steps moving 2*(3/4)*N.
+    p = 6
+    expected = 2 * (A + N / B) + 2 * 2 * A + 2 * 3 / 4 * N / B
+    t = simulate_collective(flat(p), "all_reduce", N, algorithm="halving_doubling")
+    assert rel(t, expected) < 1e-9
+
+
+def test_one_rank_takes_no_time():
+    assert simulate_collective(flat(1), "all_reduce", N, algorithm="ring") == 0.0
+
+
+def test_oversubscribed_core_slows_cross_leaf_steps():
+    """Halving-doubling on 2 leaves x 4 nodes with 4:1 oversubscription.
+
+    Distances 1 and 2 stay inside a leaf. At distance 4 all four nodes of a leaf send
+    across at once over an uplink of 4*B/4 = B, so each flow gets B/4, and the path
+    crosses two more switches.
+    """
+    top = LeafSpine(nodes_per_leaf=4, oversubscription=4.0, hop_latency=1e-6)
+    p = 8
+    chunks = [N / 2, N / 4, N / 8, N / 8, N / 4, N / 2]  # reduce-scatter then all-gather
+    crossing = [False, False, True, True, False, False]
+    expected = sum(
+        (A + 2 * top.hop_latency + 4 * c / B) if x else (A + c / B) for c, x in zip(chunks, crossing)
+    )
+    cluster = flat(p, topology=top)
+    for model in ("auto", "stepped"):
+        t = simulate_collective(cluster, "all_reduce", N, algorithm="halving_doubling", model=model)
+        assert rel(t, expected) < 1e-9
+    # a ring crosses each leaf boundary with one flow per step: no slowdown but the hops
+    ring = simulate_collective(cluster, "all_reduce", N, algorithm="ring")
+    assert rel(ring, 2 * (p - 1) * (A + 2 * top.hop_latency + N / p / B)) < 1e-9
+
+
+def test_ring_on_multi_gpu_nodes_is_nic_bound():
+    # 4 nodes x 4 GPUs, NVLink inside, one NIC per node: every ring step is gated by
+    # the inter-node hop (largest latency and smallest bandwidth).
+    nv = LinkSpec(name="nv", bandwidth=300e9, latency=1e-6)
+    net = LinkSpec(name="net", bandwidth=B, latency=A)
+    cluster = Cluster.homogeneous(nodes=4, gpus_per_node=4, intra=nv, inter=net)
+    p = 16
+    expected = 2 * (p - 1) * (A + N / p / B)
+    for model in ("auto", "stepped"):
+        assert rel(simulate_collective(cluster, "all_reduce", N, algorithm="ring", model=model), expected) < 1e-9
+
+
+def test_hierarchical_all_reduce_with_a_nic_per_gpu():
+    # intra ring reduce-scatter (g-1 steps of N/g), inter ring all-reduce of the N/g shard
+    # over n nodes (2(n-1) steps of N/(g n)), intra all-gather (g-1 steps of N/g).
+    g, n = 4, 4
+    a_nv, b_nv = 1e-6, 300e9
+    cluster = Cluster.homogeneous(
+        nodes=n, gpus_per_node=g, nics_per_node=g,
+        intra=LinkSpec(name="nv", bandwidth=b_nv, latency=a_nv), inter=LinkSpec(name="net", bandwidth=B, latency=A),
+    )
+    expected = 2 * (g - 1) * (a_nv + N / g / b_nv) + 2 * (n - 1) * (A + N / (g * n) / B)
+    for model in ("auto", "stepped"):
+        t = simulate_collective(cluster, "all_reduce", N, algorithm="hierarchical", model=model)
+        assert rel(t, expected) < 1e-9
+
+
+@given(
+    nodes=st.integers(1, 5),
+    gpus=st.sampled_from([1, 2, 4]),
+    nics=st.sampled_from([1, 2, 4]),
+    op_alg=st.sampled_from([
+        ("all_reduce", "ring"), ("all_reduce", "halving_doubling"), ("all_reduce", "tree"),
+        ("all_reduce", "hierarchical"), ("all_reduce", "direct"), ("all_gather", "ring"),
+        ("reduce_scatter", "halving_doubling"), ("broadcast", "ring"), ("all_to_all", "direct"),
+    ]),
+    nbytes=st.floats(1e3, 1e9),
+    pcie=st.booleans(),
+)
+@settings(max_examples=60, deadline=None)
+def test_fast_path_equals_stepped(nodes, gpus, nics, op_alg, nbytes, pcie):
+    cluster = Cluster.homogeneous(nodes=nodes, gpus_per_node=gpus, nics_per_node=min(nics, gpus),
+                                  intra="pcie4" if pcie else "nvlink3", inter="25GbE")
+    op, alg = op_alg
+    fast = simulate_collective(cluster, op, nbytes, algorithm=alg)
+    stepped = simulate_collective(cluster, op, nbytes, algorithm=alg, model="stepped")
+    assert math.isclose(fast, stepped, rel_tol=1e-9)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="algorithm"):
+        simulate_collective(flat(4), "all_reduce", N, algorithm="carrier_pigeon")
+    with pytest.raises(ValueError, match="op"):
+        simulate_collective(flat(4), "all_shuffle", N, algorithm="ring")
+    with pytest.raises(ValueError, match="ranks"):
+        simulate_collective(flat(4), "all_reduce", N, algorithm="ring", ranks=[0, 9])
+    with pytest.raises(ValueError, match="nbytes"):
+        simulate_collective(flat(4), "all_reduce", -1, algorithm="ring")
