@@ -1,10 +1,10 @@
 """What if we changed the all-reduce algorithm, the cluster size or the network?
 
-Synchronous data parallel (DDP buckets, overlap on) of ResNet-50 and GPT-2
-small on A100 nodes (8 GPUs joined by NVLink 3, one NIC per GPU as in a DGX
-A100), from 1 to 256 GPUs, on 25 Gb/s Ethernet and on 200 Gb/s InfiniBand
-HDR, with ring, double-binary-tree, halving-doubling and hierarchical
-all-reduce. Writes into the output folder:
+Synchronous data parallel (DDP buckets, overlap on, bf16 compute, fp32
+gradients) of ResNet-50 and GPT-2 small on nodes of 8 A100s joined by NVLink 3
+with one NIC per node, from 1 to 256 GPUs, on 25 Gb/s Ethernet and on 200 Gb/s
+InfiniBand HDR, with ring, double-binary-tree, halving-doubling and
+hierarchical all-reduce. The ring is a single ring (one NCCL channel). Writes into the output folder:
 
 * ``allreduce_algorithms.csv``: one row per configuration, appended as each
   finishes
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 import matplotlib
@@ -51,36 +53,50 @@ def cluster_for(gpus: int, inter: str) -> Cluster:
     nodes = max(1, gpus // GPUS_PER_NODE)
     per_node = min(gpus, GPUS_PER_NODE)
     return Cluster.homogeneous(nodes=nodes, gpus_per_node=per_node, gpu="A100-80GB",
-                               intra="nvlink3", inter=inter, nics_per_node=per_node)
+                               intra="nvlink3", inter=inter, nics_per_node=1)
 
 
-def run_grid(out: Path, gpu_counts, iterations: int) -> list[dict]:
+def _simulate_row(exp: Experiment, labels: dict) -> dict:
+    s = simulate(exp).summary()
+    return {
+        **labels,
+        "throughput": s["throughput"], "iteration_time": s["iteration_time_mean"],
+        "scaling_efficiency": s["scaling_efficiency"],
+        "exposed_comm": s["exposed_comm_mean"], "bytes_on_wire": s["bytes_on_wire"],
+    }
+
+
+def run_grid(out: Path, gpu_counts, iterations: int, *, workers: int | None = None) -> list[dict]:
+    """Simulate every configuration on a process pool; rows are written as each finishes."""
+    jobs = []
+    for model, (spec, batch) in MODELS.items():
+        spec = dict(spec)
+        workload = Workload.from_zoo(spec.pop("name"), **spec)
+        for network, inter in NETWORKS.items():
+            for algorithm in ALGORITHMS:
+                for gpus in gpu_counts:
+                    exp = Experiment(
+                        workload=workload, cluster=cluster_for(gpus, inter),
+                        strategy=AllReduceSGD(algorithm=algorithm), batch_size=batch,
+                        iterations=iterations, precision="bf16",
+                        name=f"{model}/{network}/{algorithm}/{gpus}",
+                    )
+                    labels = {"model": model, "network": network, "algorithm": algorithm, "gpus": gpus}
+                    jobs.append((gpus, exp, labels))
+    jobs.sort(key=lambda job: -job[0])  # largest first, so the pool ends evenly
     rows = []
-    path = out / "allreduce_algorithms.csv"
-    with path.open("w", newline="") as fh:
+    with (out / "allreduce_algorithms.csv").open("w", newline="") as fh, \
+            ProcessPoolExecutor(max_workers=workers or os.cpu_count()) as pool:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
-        for model, (spec, batch) in MODELS.items():
-            spec = dict(spec)
-            workload = Workload.from_zoo(spec.pop("name"), **spec)
-            for network, inter in NETWORKS.items():
-                for algorithm in ALGORITHMS:
-                    for gpus in gpu_counts:
-                        exp = Experiment(
-                            workload=workload, cluster=cluster_for(gpus, inter),
-                            strategy=AllReduceSGD(algorithm=algorithm), batch_size=batch,
-                            iterations=iterations, name=f"{model}/{network}/{algorithm}/{gpus}",
-                        )
-                        s = simulate(exp).summary()
-                        row = {
-                            "model": model, "network": network, "algorithm": algorithm, "gpus": gpus,
-                            "throughput": s["throughput"], "iteration_time": s["iteration_time_mean"],
-                            "scaling_efficiency": s["scaling_efficiency"],
-                            "exposed_comm": s["exposed_comm_mean"], "bytes_on_wire": s["bytes_on_wire"],
-                        }
-                        writer.writerow(row)
-                        fh.flush()  # rows survive an interrupted run
-                        rows.append(row)
+        futures = [pool.submit(_simulate_row, exp, labels) for _, exp, labels in jobs]
+        for done, future in enumerate(as_completed(futures), 1):
+            row = future.result()
+            writer.writerow(row)
+            fh.flush()  # rows survive an interrupted run
+            rows.append(row)
+            print(f"\r  {done}/{len(futures)} simulations", end="", flush=True)
+    print()
     return rows
 
 
@@ -107,7 +123,7 @@ def plot_grid(rows: list[dict], metric: str, ylabel: str, path: Path, *, ideal: 
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=9)
-    fig.suptitle("Synchronous data parallel on A100 nodes (8 GPUs/node, NVLink 3, a NIC per GPU)")
+    fig.suptitle("Synchronous data parallel on A100 nodes (8 GPUs and one NIC per node, NVLink 3)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -115,15 +131,17 @@ def plot_grid(rows: list[dict], metric: str, ylabel: str, path: Path, *, ideal: 
 
 def plot_busbw(out: Path, sizes_mb, gpus: int = 64) -> Path:
     fig, ax = plt.subplots(figsize=(8, 5))
-    for network, inter in NETWORKS.items():
+    colours = dict(zip(ALGORITHMS, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for (network, inter), style in zip(NETWORKS.items(), ("--", "-"), strict=True):
         cluster = cluster_for(gpus, inter)
-        for algorithm, style in zip(ALGORITHMS, ("-", "--", ":", "-."), strict=True):
+        for algorithm in ALGORITHMS:
             busbw = []
             for mb in sizes_mb:
                 n = mb * 1e6
                 t = simulate_collective(cluster, "all_reduce", n, algorithm=algorithm)
                 busbw.append(n / t * 2 * (gpus - 1) / gpus / 1e9)
-            ax.plot(sizes_mb, busbw, style, marker="o", ms=3, label=f"{algorithm}, {network}")
+            ax.plot(sizes_mb, busbw, style, color=colours[algorithm], marker="o", ms=3,
+                    label=f"{algorithm}, {network}")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("message size (MB)")

@@ -23,7 +23,8 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def print_summary(summary: dict, file=sys.stdout) -> None:
+def print_summary(summary: dict, file=None) -> None:
+    file = sys.stdout if file is None else file  # looked up now: stdout may be redirected
     width = max(len(k) for k in summary)
     for key, value in summary.items():
         print(f"  {key:<{width}}  {_fmt(value)}", file=file)
@@ -50,23 +51,36 @@ def cmd_collective(args) -> int:
     from simulator.cluster import Cluster
     from simulator.collectives import simulate_collective
     from simulator.units import fmt_bandwidth, fmt_bytes, fmt_time, parse_bytes
+    from strategies.collectives import ALGORITHMS
 
+    # Check every input before printing anything, so an error is the only output.
+    if args.op not in ALGORITHMS:
+        raise ValueError(f"--op must be one of {tuple(ALGORITHMS)}, got {args.op!r}")
+    algorithm = args.algorithm or ALGORITHMS[args.op][0]
+    if algorithm not in ALGORITHMS[args.op]:
+        raise ValueError(f"--algorithm must be one of {ALGORITHMS[args.op]} for {args.op}, got {algorithm!r}")
+    sizes = [parse_bytes(size, field="--size") for size in args.size]
+    # Show sizes in the prefix system they were written in: "1MB" as 1 MB, not 976.6 KiB.
+    systems = ["binary" if "i" in str(size) else "decimal" for size in args.size]
     cluster = Cluster.homogeneous(
         nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu=args.gpu,
         intra=args.intra, inter=args.inter, nics_per_node=args.nics_per_node,
     )
     p = cluster.world_size
-    print(f"{args.op} / {args.algorithm} on {p} ranks ({args.nodes} x {args.gpus_per_node})")
-    print(f"  {'size':>10}  {'time':>10}  {'algbw':>12}  {'busbw':>12}")
-    for size in args.size:
-        nbytes = parse_bytes(size, field="--size")
-        t = simulate_collective(cluster, args.op, nbytes, algorithm=args.algorithm)
+    # nccl-tests' bus bandwidth factor: what each link must carry relative to algbw
+    factor = {"all_reduce": 2 * (p - 1) / p, "reduce_scatter": (p - 1) / p,
+              "all_gather": (p - 1) / p, "all_to_all": (p - 1) / p}.get(args.op, 1.0)
+    rows = []
+    for nbytes, system in zip(sizes, systems, strict=True):
+        t = simulate_collective(cluster, args.op, nbytes, algorithm=algorithm)
         algbw = nbytes / t if t > 0 else float("inf")
-        # nccl-tests' bus bandwidth factor: what each link must carry relative to algbw
-        factor = {"all_reduce": 2 * (p - 1) / p, "reduce_scatter": (p - 1) / p,
-                  "all_gather": (p - 1) / p, "all_to_all": (p - 1) / p}.get(args.op, 1.0)
-        print(f"  {fmt_bytes(nbytes):>10}  {fmt_time(t):>10}  {fmt_bandwidth(algbw):>12}  "
-              f"{fmt_bandwidth(algbw * factor):>12}")
+        busbw = algbw * factor if factor > 0 else 0.0  # one rank: nothing crosses a link
+        rows.append((fmt_bytes(nbytes, system), t, algbw, busbw))
+    print(f"{args.op} / {algorithm} on {p} ranks ({args.nodes} x {args.gpus_per_node})")
+    print(f"  {'size':>10}  {'time':>10}  {'algbw':>12}  {'busbw':>12}")
+    for size, t, algbw, busbw in rows:
+        print(f"  {size:>10}  {fmt_time(t):>10}  {fmt_bandwidth(algbw):>12}  "
+              f"{fmt_bandwidth(busbw):>12}")
     return 0
 
 
@@ -77,8 +91,16 @@ def cmd_demo(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line too, like every other user error."""
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(EXIT_USAGE, f"clustersim: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clustersim", description="Simulate distributed training on GPU clusters.")
+    parser = _Parser(prog="clustersim", description="Simulate distributed training on GPU clusters.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("simulate", help="simulate an experiment file (TOML or JSON)")
@@ -89,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("collective", help="time one collective across sizes, like nccl-tests")
     p.add_argument("--op", default="all_reduce")
-    p.add_argument("--algorithm", default="ring")
+    p.add_argument("--algorithm", default=None, help="default: the op's first algorithm (ring for all_reduce)")
     p.add_argument("--size", nargs="+", default=["1MB", "16MB", "256MB"])
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--gpus-per-node", type=int, default=8)

@@ -71,7 +71,17 @@ class CollectiveRunner:
         self.cluster = cluster
         self.model = model
         self._bundles: dict = {}
+        self._plans: dict = {}
+        self._routes: dict[tuple[int, int], tuple[tuple[int, ...], float]] = {}
         self.transfers = 0
+
+    def route(self, src: int, dst: int) -> tuple[tuple[int, ...], float]:
+        """(link path, latency) from rank ``src`` to ``dst``, cached."""
+        key = (src, dst)
+        hit = self._routes.get(key)
+        if hit is None:
+            hit = self._routes[key] = (self.cluster.route(src, dst), self.cluster.path_latency(src, dst))
+        return hit
 
     def start(
         self,
@@ -100,7 +110,11 @@ class CollectiveRunner:
         if bundles is not None:
             self._run_chain(bundles, 0, p, on_rank_done)
             return
-        _SteppedRun(self, sched, group, on_rank_done).begin()
+        key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = _StepPlan(sched, len(group))
+        _SteppedRun(self, plan, group, on_rank_done).begin()
 
     def _run_chain(self, bundles, k, p, on_rank_done) -> None:
         if k == len(bundles):
@@ -169,20 +183,16 @@ class CollectiveRunner:
         return bundle, len(stats) == 1, everyone
 
 
-class _SteppedRun:
-    """One collective instance executed step by step with per-rank dependencies."""
+class _StepPlan:
+    """The immutable part of a stepped collective: steps, and who takes part where."""
 
-    __slots__ = ("runner", "group", "on_rank_done", "steps", "parts", "pos", "pending", "remaining", "started")
+    __slots__ = ("steps", "parts", "pending")
 
-    def __init__(self, runner: CollectiveRunner, sched, group, on_rank_done):
-        self.runner = runner
-        self.group = group
-        self.on_rank_done = on_rank_done
+    def __init__(self, sched, p: int):
         # One message per (src, dst) in a step: same finish time under fair sharing, fewer flows.
         self.steps = [_merge(step.transfers) for step in sched.steps()]
-        p = len(group)
         self.parts: list[list[int]] = [[] for _ in range(p)]
-        # (step, rank) -> indices of that step's transfers the rank takes part in
+        # (step, rank) -> indices of that step's messages the rank takes part in
         self.pending: dict[tuple[int, int], list[int]] = {}
         for k, transfers in enumerate(self.steps):
             for idx, t in enumerate(transfers):
@@ -192,8 +202,22 @@ class _SteppedRun:
                         self.parts[r].append(k)
                         self.pending[(k, r)] = mine = []
                     mine.append(idx)
-        self.remaining = {key: len(v) for key, v in self.pending.items()}
-        self.pos = [0] * p
+
+
+class _SteppedRun:
+    """One collective instance executed step by step with per-rank dependencies."""
+
+    __slots__ = ("runner", "group", "on_rank_done", "steps", "parts", "pos", "pending", "remaining", "started")
+
+    def __init__(self, runner: CollectiveRunner, plan: _StepPlan, group, on_rank_done):
+        self.runner = runner
+        self.group = group
+        self.on_rank_done = on_rank_done
+        self.steps = plan.steps
+        self.parts = plan.parts
+        self.pending = plan.pending
+        self.remaining = {key: len(v) for key, v in plan.pending.items()}
+        self.pos = [0] * len(group)
         self.started: set[tuple[int, int]] = set()
 
     def _level(self, r: int) -> float:
@@ -223,10 +247,8 @@ class _SteppedRun:
     def _start(self, k: int, idx: int, t) -> None:
         self.started.add((k, idx))
         runner = self.runner
-        gs, gd = self.group[t.src], self.group[t.dst]
-        done = runner.network.transfer(
-            runner.cluster.route(gs, gd), t.nbytes, runner.cluster.path_latency(gs, gd)
-        )
+        path, latency = runner.route(self.group[t.src], self.group[t.dst])
+        done = runner.network.transfer(path, t.nbytes, latency)
         runner.transfers += 1
         done.callbacks.append(lambda _e: self._finished(k, t))
 

@@ -70,7 +70,7 @@ class ComputeModel:
             if not (isinstance(slowdown, int | float) and slowdown > 0 and math.isfinite(slowdown)):
                 raise ValueError(f"compute.stragglers[{r}] must be a slowdown factor > 0, got {slowdown!r}")
             clean[r] = float(slowdown)
-        object.__setattr__(self, "stragglers", MappingProxyType(clean))
+        object.__setattr__(self, "stragglers", clean)  # a private copy; picklable for process pools
 
     def to_dict(self) -> dict:
         return {"noise_cv": self.noise_cv, "stragglers": {str(k): v for k, v in self.stragglers.items()}}
@@ -118,7 +118,7 @@ def optimizer_time(params: float, device, optimizer: str, *, kernels: int = 1) -
 class ComputeTimer:
     """Per-simulation timing of compute ops: cached prefix sums per device and batch."""
 
-    def __init__(self, workload, devices, precision: str, optimizer: str, model: ComputeModel, rng):
+    def __init__(self, workload, devices, precision: str, optimizer: str, model: ComputeModel, rngs):
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
         self.workload = workload
@@ -126,7 +126,8 @@ class ComputeTimer:
         self.precision = precision
         self.optimizer = optimizer
         self.model = model
-        self.rng = rng
+        self.rngs = rngs
+        """One generator per rank: a rank's draws don't depend on how events interleave."""
         self._prefix: dict = {}
         params = np.array([layer.params for layer in workload.layers], dtype=float)
         self._param_prefix = np.concatenate(([0.0], np.cumsum(params)))
@@ -162,5 +163,5 @@ class ComputeTimer:
         if slowdown is not None:
             t *= slowdown
         if self._sigma:
-            t *= self.rng.lognormal(-0.5 * self._sigma**2, self._sigma)
+            t *= self.rngs[rank].lognormal(-0.5 * self._sigma**2, self._sigma)
         return t

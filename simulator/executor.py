@@ -72,7 +72,8 @@ class _Simulation:
     def __init__(self, experiment):
         self.exp = experiment
         self.env = env = simpy.Environment()
-        self.rng = np.random.default_rng(experiment.seed)
+        # Independent streams per rank, all from the experiment's seed.
+        self.rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(experiment.seed).spawn(experiment.cluster.world_size)]
         cluster = experiment.cluster
         self.cluster = cluster
         self.world = world = cluster.world_size
@@ -81,7 +82,7 @@ class _Simulation:
         self.devices = [cluster.device_of(r) for r in range(world)]
         self.timer = ComputeTimer(
             experiment.workload, self.devices, experiment.precision, experiment.optimizer,
-            experiment.compute, self.rng,
+            experiment.compute, self.rngs,
         )
         self.job = Job(
             world_size=world,
@@ -136,7 +137,7 @@ class _Simulation:
         n = len(self.exp.workload.layers)
         b = self.exp.batch_size
         t = self.timer
-        return sum(t.base_time(0, k, (0, n), b) for k in ("forward", "backward", "optimizer_step"))
+        return float(sum(t.base_time(0, k, (0, n), b) for k in ("forward", "backward", "optimizer_step")))
 
     def _iteration_hook(self, rank: int):
         def hook(kind: str, i: int) -> None:

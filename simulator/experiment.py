@@ -75,11 +75,19 @@ class Experiment:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Experiment.{name} must be an integer >= 1, got {value!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"Experiment.name must be a string, got {self.name!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Experiment.seed must be an integer >= 0, got {self.seed!r}")
         if self.precision not in PRECISION_BYTES:
             raise ValueError(f"Experiment.precision must be one of {tuple(PRECISION_BYTES)}, got {self.precision!r}")
-        self.cluster.device_of(0).flops(self.precision)  # the device must have this dtype
+        for rank in range(self.cluster.world_size if self.cluster.devices is not None else 1):
+            device = self.cluster.device_of(rank)
+            if self.precision not in device.peak_flops:  # the device must have this dtype
+                raise ValueError(
+                    f"Experiment.precision {self.precision!r} is not supported by device {device.name} "
+                    f"(rank {rank}); it has {tuple(device.peak_flops)}"
+                )
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Experiment.optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.collective_model not in COLLECTIVE_MODELS:
@@ -157,17 +165,48 @@ def workload_from_spec(spec, *, base_dir: Path | None = None) -> Workload:
         raise ValueError(f"workload must be a table with 'zoo', 'path' or 'layers', got {spec!r}")
     spec = dict(spec)
     if "zoo" in spec:
-        return Workload.from_zoo(spec.pop("zoo"), **spec)
+        name = spec.pop("zoo")
+        if not isinstance(name, str):
+            raise ValueError(f"workload.zoo must be a zoo model name (a string), got {name!r}")
+        try:
+            return Workload.from_zoo(name, **spec)
+        except TypeError as exc:  # a keyword the zoo builder does not take
+            import inspect
+
+            from simulator import zoo
+
+            allowed = sorted(inspect.signature(zoo.MODELS[name]).parameters)
+            unknown = sorted(set(spec) - set(allowed))
+            if not unknown:
+                raise ValueError(f"workload: zoo model {name!r}: {exc}") from None
+            raise ValueError(
+                f"workload: unknown option(s) {unknown} for zoo model {name!r}; allowed: {allowed}"
+            ) from None
     if "path" in spec:
+        if set(spec) != {"path"}:
+            raise ValueError(f"workload: with 'path', no other field is allowed; got {sorted(spec)}")
         path = Path(spec["path"])
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
-        if not path.exists():
+        if not path.is_file():
             raise ValueError(f"workload.path: no such file {str(path)!r}")
-        return Workload.from_json(path.read_text())
+        try:
+            return _workload_from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"workload.path {str(path)!r}: {exc}") from None
     if "layers" in spec:
-        return Workload.from_dict(spec)
+        return _workload_from_dict(spec)
     raise ValueError(f"workload must have one of 'zoo', 'path', 'layers'; got keys {sorted(spec)}")
+
+
+def _workload_from_dict(spec) -> Workload:
+    try:
+        return Workload.from_dict(spec)
+    except TypeError as exc:  # Workload.from_dict iterates values without checking their type
+        raise ValueError(
+            f"workload: malformed table ({exc}); 'layers' must be a list of layer tables "
+            f"and 'sample_shape' a list of integers"
+        ) from None
 
 
 def cluster_from_spec(spec) -> Cluster:
@@ -178,10 +217,24 @@ def cluster_from_spec(spec) -> Cluster:
         raise ValueError(f"cluster must be a table, got {spec!r}")
     if "links" in spec or "device" in spec:
         return Cluster.from_dict(spec)
-    try:
-        return Cluster.homogeneous(**spec)
-    except TypeError as exc:
-        raise ValueError(f"cluster: {exc}") from None
+    # Check the keywords here, so that a typo is told with the fields allowed.
+    unknown = sorted(
+        key for key in spec
+        if key not in _HOMOGENEOUS_FIELDS and key.partition("_")[0] not in ("gpu", "intra", "inter")
+    )
+    if unknown:
+        raise ValueError(
+            f"cluster: unknown field(s) {unknown}; allowed: {list(_HOMOGENEOUS_FIELDS)} "
+            f"and overrides gpu_<Device field>, intra_<LinkSpec field>, inter_<LinkSpec field>"
+        )
+    if "nodes" not in spec:
+        raise ValueError("cluster: missing the field 'nodes' (number of nodes, >= 1)")
+    return Cluster.homogeneous(**spec)
+
+
+_HOMOGENEOUS_FIELDS = (
+    "nodes", "gpus_per_node", "gpu", "intra", "inter", "topology", "nics_per_node", "intra_kind",
+)
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -189,7 +242,12 @@ def load_experiment(path: str | Path) -> Experiment:
     path = Path(path)
     if not path.exists():
         raise ValueError(f"experiment file {str(path)!r} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ValueError(f"experiment file {str(path)!r} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if path.suffix == ".toml":
         try:
             spec = tomllib.loads(text)

@@ -8,9 +8,12 @@ drain at its rate; when the last byte has left, the flow pays its path
 latency once and completes. Uncontended, ``n`` bytes over bandwidth ``B`` and
 latency ``a`` take exactly ``n / B + a``.
 
-Rates are recomputed only when the set of flows changes, and at most once per
-simulated instant (flows starting together are batched), so a collective step
-of ``p`` flows costs one recomputation, not ``p``.
+Cost. Rates change only when flows start or finish, and only for the flows
+connected to the change through shared links (a *component*), so a change
+recomputes that component alone. Flows starting at one instant are batched
+into one recomputation. Each flow keeps its bytes as of its last rate change
+and its projected finish time in a heap, so nothing is touched between events.
+Ties are broken by start order (dicts, not sets), so a run is reproducible.
 
 Flows can carry per-link byte counts different from their own size (a
 collective fast path moves one "bundle" over many links); by default each link
@@ -24,21 +27,28 @@ from collections.abc import Sequence
 
 import simpy
 
-_DONE_RTOL = 1e-12
+_RTOL = 1e-12
 
 
 class Flow:
-    __slots__ = ("path", "size", "remaining", "rate", "latency", "done", "start", "link_bytes")
+    __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done")
 
-    def __init__(self, path, size, latency, done, start, link_bytes):
+    def __init__(self, fid, path, size, latency, done, now):
+        self.id: int = fid
         self.path: tuple[int, ...] = path
         self.size: float = size
-        self.remaining: float = size
+        self.remaining: float = size  # bytes left as of time t0
         self.rate: float = 0.0
+        self.t0: float = now
+        self.finish: float = float("inf")
         self.latency: float = latency
         self.done: simpy.Event = done
-        self.start: float = start
-        self.link_bytes = link_bytes
+
+    def set_rate(self, rate: float, now: float) -> None:
+        self.remaining -= self.rate * (now - self.t0)
+        self.t0 = now
+        self.rate = rate
+        self.finish = now + self.remaining / rate
 
 
 class Network:
@@ -56,16 +66,17 @@ class Network:
         self.env = env
         self.capacity = list(capacities)
         n = len(self.capacity)
-        self.link_flows: list[set[Flow]] = [set() for _ in range(n)]
+        self.link_flows: list[dict[Flow, None]] = [{} for _ in range(n)]
         self.bytes = [0.0] * n
         self.busy_time = [0.0] * n
         self._busy_since: list[float | None] = [None] * n
         self.record_busy = record_busy
         self.busy_intervals: list[tuple[int, float, float]] = []
-        self._flows: set[Flow] = set()
-        self._last = 0.0
-        self._generation = 0
+        self._flows: dict[Flow, None] = {}
+        self._finish_heap: list[tuple[float, int, Flow]] = []
+        self._dirty: dict[int, None] = {}  # links whose flow set changed since the last recompute
         self._recompute_pending = False
+        self._wake_at = float("inf")
         self.flows_started = 0
 
     # public API
@@ -95,28 +106,21 @@ class Network:
         if nbytes == 0 or not path:
             self._finish_after(done, latency)
             return done
-        self._advance()
-        flow = Flow(path, nbytes, latency, done, env.now, link_bytes)
-        self._flows.add(flow)
         now = env.now
+        flow = Flow(self.flows_started, path, nbytes, latency, done, now)
+        self._flows[flow] = None
         for link in path:
             flows = self.link_flows[link]
             if not flows:
                 self._busy_since[link] = now
-            flows.add(flow)
-        self._generation += 1  # a planned wake-up no longer knows this flow's rate
+            flows[flow] = None
+            self._dirty[link] = None
         self._request_recompute()
         return done
 
     @property
     def active_flows(self) -> int:
         return len(self._flows)
-
-    def utilisation(self, horizon: float) -> list[float]:
-        """Busy fraction of each link over ``[0, horizon]``."""
-        if horizon <= 0:
-            return [0.0] * len(self.capacity)
-        return [b / horizon for b in self.busy_time]
 
     # internals
     def _finish_after(self, done: simpy.Event, latency: float) -> None:
@@ -125,15 +129,6 @@ class Network:
         else:
             done.succeed()
 
-    def _advance(self) -> None:
-        """Drain every flow's bytes up to now at its current rate."""
-        now = self.env.now
-        dt = now - self._last
-        if dt > 0:
-            for f in self._flows:
-                f.remaining -= f.rate * dt
-        self._last = now
-
     def _request_recompute(self) -> None:
         if not self._recompute_pending:
             self._recompute_pending = True
@@ -141,25 +136,39 @@ class Network:
 
     def _recompute(self, _event=None) -> None:
         self._recompute_pending = False
-        self._advance()
-        self._assign_rates()
-        self._schedule_next_completion()
+        dirty, self._dirty = self._dirty, {}
+        flows = self._component(dirty)
+        if flows:
+            self._assign_rates(flows)
+        self._schedule_wake()
 
-    def _assign_rates(self) -> None:
-        """Max-min fair rates by progressive filling (lazy-deletion heap of link shares)."""
-        flows = self._flows
-        if not flows:
-            return
+    def _component(self, links) -> list[Flow]:
+        """Every active flow connected to ``links`` through shared links, in start order."""
+        link_flows = self.link_flows
+        seen_links = set(links)
+        stack = list(links)
+        found: dict[Flow, None] = {}
+        while stack:
+            for f in link_flows[stack.pop()]:
+                if f not in found:
+                    found[f] = None
+                    for other in f.path:
+                        if other not in seen_links:
+                            seen_links.add(other)
+                            stack.append(other)
+        return list(found)  # deterministic: dicts keep start order
+
+    def _assign_rates(self, flows: list[Flow]) -> None:
+        """Max-min fair rates for one component, by progressive filling."""
         link_flows = self.link_flows
         spare: dict[int, float] = {}
         count: dict[int, int] = {}
-        for f in flows:
-            f.rate = -1.0  # unfrozen
         for f in flows:
             for link in f.path:
                 if link not in spare:
                     spare[link] = self.capacity[link]
                     count[link] = len(link_flows[link])
+        rate: dict[Flow, float] = {}
         heap = [(spare[k] / count[k], k) for k in spare]
         heapq.heapify(heap)
         while heap:
@@ -171,38 +180,56 @@ class Network:
             if current > share * (1 + 1e-12):  # stale entry: its share has grown since
                 heapq.heappush(heap, (current, link))
                 continue
+            if current <= 0:
+                current = self.capacity[link] * 1e-12  # rounding left nothing: keep flows moving
             for f in link_flows[link]:
-                if f.rate >= 0:
+                if f in rate:
                     continue
-                f.rate = current if current > 0 else self.capacity[link] * 1e-12  # rounding guard
+                rate[f] = current
                 for other in f.path:
                     spare[other] -= current
                     count[other] -= 1
                     if other != link and count[other] > 0:
                         heapq.heappush(heap, (max(spare[other], 0.0) / count[other], other))
-
-    def _schedule_next_completion(self) -> None:
-        self._generation += 1
-        if not self._flows:
-            return
-        wait = min(f.remaining / f.rate for f in self._flows)
-        generation = self._generation
-        self.env.timeout(max(wait, 0.0)).callbacks.append(lambda _e: self._on_drain(generation))
-
-    def _on_drain(self, generation: int) -> None:
-        if generation != self._generation:
-            return  # the flow set changed since this wake-up was planned
-        self._advance()
         now = self.env.now
-        # Done: bytes left are rounding noise, or the time left is below the clock's
-        # resolution (now + dt == now would wake us at this same instant forever).
-        horizon = max(now, 1e-9) * _DONE_RTOL
-        finished = [f for f in self._flows if f.remaining <= f.size * _DONE_RTOL or f.remaining <= f.rate * horizon]
+        heap_push = heapq.heappush
+        finish_heap = self._finish_heap
+        for f in flows:
+            r = rate[f]
+            if r != f.rate:
+                f.set_rate(r, now)
+                heap_push(finish_heap, (f.finish, f.id, f))
+
+    def _schedule_wake(self) -> None:
+        heap = self._finish_heap
+        while heap and (heap[0][2] not in self._flows or heap[0][0] != heap[0][2].finish):
+            heapq.heappop(heap)  # finished, or its rate changed since this entry
+        if not heap:
+            return
+        at = heap[0][0]
+        if at < self._wake_at:
+            self._wake_at = at
+            self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(self._on_wake)
+
+    def _on_wake(self, event) -> None:
+        now = self.env.now
+        if self._wake_at > now:
+            return  # an earlier wake-up was planned after this one
+        self._wake_at = float("inf")
+        heap = self._finish_heap
+        # Done when the projected finish is now, or within the clock's resolution of it.
+        horizon = now + max(now, 1e-9) * _RTOL
+        finished: dict[Flow, None] = {}
+        while heap and heap[0][0] <= horizon:
+            finish, _, f = heapq.heappop(heap)
+            if f in self._flows and finish == f.finish:
+                finished[f] = None
         for f in finished:
-            self._flows.discard(f)
+            del self._flows[f]
             for link in f.path:
                 flows = self.link_flows[link]
-                flows.discard(f)
+                del flows[f]
+                self._dirty[link] = None
                 if not flows:
                     since = self._busy_since[link]
                     self.busy_time[link] += now - since
@@ -210,5 +237,7 @@ class Network:
                         self.busy_intervals.append((link, since, now))
                     self._busy_since[link] = None
             self._finish_after(f.done, f.latency)
-        self._assign_rates()
-        self._schedule_next_completion()
+        if finished:
+            self._recompute()
+        else:
+            self._schedule_wake()

@@ -132,3 +132,13 @@ def test_stepped_and_fast_collectives_give_the_same_training_run():
         fast = simulate(base).stats["makespan"]
         stepped = simulate(base.replace(collective_model="stepped")).stats["makespan"]
         assert math.isclose(fast, stepped, rel_tol=1e-9), algorithm
+
+
+def test_experiment_pickles_for_process_pools():
+    import pickle
+
+    wl = workload(PARAMS, [1e9, 1e9], [2e9, 2e9])
+    exp = Experiment(workload=wl, cluster=cluster(2), strategy=AllReduceSGD(), batch_size=BATCH,
+                     compute=ComputeModel(noise_cv=0.1, stragglers={1: 2.0}))
+    clone = pickle.loads(pickle.dumps(exp))
+    assert simulate(clone).iterations.equals(simulate(exp).iterations)
