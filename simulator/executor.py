@@ -57,11 +57,12 @@ class Handle:
 class _Instance:
     """One collective call, matched across the members of its group."""
 
-    __slots__ = ("op", "group", "seq", "arrived", "events", "start")
+    __slots__ = ("op", "group", "gid", "seq", "arrived", "events", "start")
 
-    def __init__(self, op: Collective, group: tuple[int, ...], seq: int, env: simpy.Environment):
+    def __init__(self, op: Collective, group: tuple[int, ...], gid: int, seq: int, env: simpy.Environment):
         self.op = op
         self.group = group
+        self.gid = gid
         self.seq = seq
         self.arrived = 0
         self.events = [env.event() for _ in group]
@@ -103,9 +104,11 @@ class _Simulation:
         self._compute_acc = [0.0] * world
         self._comm_acc = [0.0] * world
         self._comm_tail: list[simpy.Event | None] = [None] * world
-        self._coll_seq: dict[tuple[int, tuple[int, ...]], int] = {}
-        self._group_index: dict[tuple[int, ...], dict[int, int]] = {}
-        self._instances: dict[tuple[tuple[int, ...], int], _Instance] = {}
+        self._coll_seq: dict[tuple[int, int], int] = {}
+        self._group_ids: dict[tuple[int, ...], int] = {}
+        self._group_by_object: dict[int, tuple[tuple[int, ...], int]] = {}
+        self._group_index: dict[int, dict[int, int]] = {}
+        self._instances: dict[tuple[int, int], _Instance] = {}
         self._mailbox = [deque() for _ in range(world)]
         self._waiting: list[list] = [[] for _ in range(world)]
         self._blocked_on: list = [None] * world
@@ -210,20 +213,32 @@ class _Simulation:
                 raise RuntimeError(f"rank {rank} yielded {op!r}, which is not an op of strategies.ops")
 
     # collectives
+    def _group_id(self, group: tuple[int, ...] | None) -> int:
+        """A small integer per distinct group: keys stay cheap (a tuple's hash is O(len))."""
+        if group is None:
+            return 0
+        hit = self._group_by_object.get(id(group))
+        if hit is not None and hit[0] is group:
+            return hit[1]
+        gid = self._group_ids.setdefault(group, len(self._group_ids) + 1)
+        self._group_by_object[id(group)] = (group, gid)  # holds group, so its id stays unique
+        return gid
+
     def _collective(self, rank: int, op: Collective) -> Handle:
+        gid = self._group_id(op.group)
         group = self.everyone if op.group is None else op.group
-        index = self._group_index.get(group)
+        index = self._group_index.get(gid)
         if index is None:
-            index = self._group_index[group] = {r: i for i, r in enumerate(group)}
+            index = self._group_index[gid] = {r: i for i, r in enumerate(group)}
         local = index.get(rank)
         if local is None:
             raise RuntimeError(f"rank {rank} issued {op.op} on group {group[:16]} it is not in")
-        key = (rank, group)
+        key = (rank, gid)
         seq = self._coll_seq.get(key, 0)
         self._coll_seq[key] = seq + 1
-        inst = self._instances.get((group, seq))
+        inst = self._instances.get((gid, seq))
         if inst is None:
-            inst = self._instances[(group, seq)] = _Instance(op, group, seq, self.env)
+            inst = self._instances[(gid, seq)] = _Instance(op, group, gid, seq, self.env)
         elif (inst.op.op, inst.op.algorithm, inst.op.tensor.nbytes, inst.op.root) != (
             op.op, op.algorithm, op.tensor.nbytes, op.root
         ):
@@ -245,7 +260,7 @@ class _Simulation:
         inst.arrived += 1
         if inst.arrived < len(inst.group):
             return
-        del self._instances[(inst.group, inst.seq)]
+        del self._instances[(inst.gid, inst.seq)]
         inst.start = self.env.now
         op = inst.op
         self.collectives.start(

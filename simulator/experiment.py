@@ -66,10 +66,10 @@ class Experiment:
             raise ValueError(f"Experiment.workload must be a Workload, got {type(self.workload).__name__}")
         if not isinstance(self.cluster, Cluster):
             raise ValueError(f"Experiment.cluster must be a Cluster, got {type(self.cluster).__name__}")
-        if type(self.strategy) not in STRATEGIES.values():
+        if not (callable(getattr(self.strategy, "programs", None)) and callable(getattr(self.strategy, "to_dict", None))):
             raise ValueError(
-                f"Experiment.strategy must be one of {[c.__name__ for c in STRATEGIES.values()]}, "
-                f"got {type(self.strategy).__name__}"
+                f"Experiment.strategy must be a strategy (one of {[c.__name__ for c in STRATEGIES.values()]}, "
+                f"or your own object with programs(job) and to_dict()), got {type(self.strategy).__name__}"
             )
         for name in ("batch_size", "iterations"):
             value = getattr(self, name)

@@ -77,6 +77,7 @@ class Network:
         self._dirty: dict[int, None] = {}  # links whose flow set changed since the last recompute
         self._recompute_pending = False
         self._wake_at = float("inf")
+        self._wake_token = 0
         self.flows_started = 0
 
     # public API
@@ -209,12 +210,15 @@ class Network:
         at = heap[0][0]
         if at < self._wake_at:
             self._wake_at = at
-            self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(self._on_wake)
+            self._wake_token += 1
+            token = self._wake_token
+            # now + (at - now) may round below at: _on_wake accepts finishes within the clock's resolution
+            self.env.timeout(max(at - self.env.now, 0.0)).callbacks.append(lambda _e: self._on_wake(token))
 
-    def _on_wake(self, event) -> None:
+    def _on_wake(self, token: int) -> None:
+        if token != self._wake_token:
+            return  # superseded by an earlier wake-up planned after this one
         now = self.env.now
-        if self._wake_at > now:
-            return  # an earlier wake-up was planned after this one
         self._wake_at = float("inf")
         heap = self._finish_heap
         # Done when the projected finish is now, or within the clock's resolution of it.

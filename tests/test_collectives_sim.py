@@ -151,3 +151,13 @@ def test_bad_arguments():
         simulate_collective(flat(4), "all_reduce", N, algorithm="ring", ranks=[0, 9])
     with pytest.raises(ValueError, match="nbytes"):
         simulate_collective(flat(4), "all_reduce", -1, algorithm="ring")
+
+
+def test_wake_up_rounding_below_the_finish_time_still_completes():
+    # Found by hypothesis: now + (finish - now) rounded just below finish, and the
+    # network's only wake-up was dropped, leaving two flows unfinished forever.
+    cluster = Cluster.homogeneous(nodes=2, gpus_per_node=2, nics_per_node=1, intra="pcie4", inter="25GbE")
+    nbytes = 631455188.3314838
+    fast = simulate_collective(cluster, "all_reduce", nbytes, algorithm="ring")
+    stepped = simulate_collective(cluster, "all_reduce", nbytes, algorithm="ring", model="stepped")
+    assert math.isclose(fast, stepped, rel_tol=1e-12)
