@@ -100,8 +100,12 @@ def layer_times(workload, device, precision: str, samples: int) -> tuple[np.ndar
 
 def _measured(workload, layer, samples: int) -> tuple[float, float]:
     """Measured per-layer times, scaled linearly from the batch they were measured at."""
-    batch = getattr(workload, "calibration_batch", None) or samples
-    scale = samples / batch
+    if workload.calibration_batch is None:
+        raise ValueError(
+            f"layer {layer.name!r} has measured times but Workload.calibration_batch is None; "
+            "set the batch size the times were measured at"
+        )
+    scale = samples / workload.calibration_batch
     return layer.fwd_time * scale, layer.bwd_time * scale
 
 

@@ -95,8 +95,17 @@ class Workload:
     """Layers in forward execution order; names are unique."""
     sample_shape: tuple[int, ...] = field(default=())
     """Shape of one input sample, e.g. ``(3, 224, 224)`` or ``(seq_len,)`` (informational)."""
+    calibration_batch: int | None = None
+    """Batch size at which layers' measured ``fwd_time``/``bwd_time`` were taken (None: none measured)."""
 
     def __post_init__(self) -> None:
+        if self.calibration_batch is not None and (
+            isinstance(self.calibration_batch, bool) or not isinstance(self.calibration_batch, int)
+            or self.calibration_batch < 1
+        ):
+            raise ValueError(
+                f"Workload.calibration_batch must be None or an integer >= 1, got {self.calibration_batch!r}"
+            )
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Workload.name must be a non-empty string, got {self.name!r}")
         if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
@@ -143,6 +152,7 @@ class Workload:
             "name": self.name,
             "sample_shape": list(self.sample_shape),
             "layers": [asdict(layer) for layer in self.layers],
+            "calibration_batch": self.calibration_batch,
         }
 
     @classmethod
@@ -150,10 +160,10 @@ class Workload:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"Workload.from_dict needs a dict, got {type(d).__name__}")
-        unknown = set(d) - {"name", "layers", "sample_shape"}
+        unknown = set(d) - {"name", "layers", "sample_shape", "calibration_batch"}
         if unknown:
             raise ValueError(f"Workload.from_dict: unknown keys {sorted(unknown)}, "
-                             "allowed: ['layers', 'name', 'sample_shape']")
+                             "allowed: ['calibration_batch', 'layers', 'name', 'sample_shape']")
         if "name" not in d or "layers" not in d:
             raise ValueError("Workload.from_dict: keys 'name' and 'layers' are required")
         allowed = {f.name for f in fields(Layer)}
@@ -170,7 +180,8 @@ class Workload:
             except TypeError as err:  # a required field is missing
                 raise ValueError(f"Workload.layers[{i}]: {err}") from None
         return cls(name=d["name"], layers=tuple(layers),
-                   sample_shape=tuple(d.get("sample_shape", ())))
+                   sample_shape=tuple(d.get("sample_shape", ())),
+                   calibration_batch=d.get("calibration_batch"))
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON text of :meth:`to_dict`; also written to ``path`` when given."""

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from builders import small_workload
 
 from simulator.cli import EXIT_USAGE, main
 from simulator.experiment import Experiment
 from simulator.hardware import LINKS
 from simulator.units import parse_time
-from simulator.workload import Layer, Workload
 from strategies.collectives import ALGORITHMS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,14 +26,6 @@ TABLES = ("iterations.csv", "timeline.csv", "links.csv", "ranks.csv", "updates.c
           "summary.json", "experiment.json")
 
 
-def small_workload() -> Workload:
-    params = (1_000, 200_000, 300_000, 50_000)
-    layers = tuple(
-        Layer(name=f"fc{i}", kind="Linear", params=p, fwd_flops=2.0 * p, bwd_flops=4.0 * p,
-              input_elems=500.0, output_elems=500.0)
-        for i, p in enumerate(params)
-    )
-    return Workload(name="small", layers=layers)
 
 
 VALID_TOML = """\

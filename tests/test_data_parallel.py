@@ -142,3 +142,19 @@ def test_experiment_pickles_for_process_pools():
                      compute=ComputeModel(noise_cv=0.1, stragglers={1: 2.0}))
     clone = pickle.loads(pickle.dumps(exp))
     assert simulate(clone).iterations.equals(simulate(exp).iterations)
+
+
+def test_measured_layer_times_replace_the_roofline():
+    """Measured times at batch 8 scale linearly to the batch simulated (4 here)."""
+    import dataclasses
+
+    wl = workload(PARAMS, [1e9, 1e9], [2e9, 2e9])
+    measured = tuple(dataclasses.replace(layer, fwd_time=0.010, bwd_time=0.030) for layer in wl.layers)
+    calibrated = Workload(name="measured", layers=measured, calibration_batch=8)
+    assert Workload.from_dict(calibrated.to_dict()) == calibrated
+    r = run(calibrated, 1, overlap=False)
+    expected = 2 * (0.010 + 0.030) * BATCH / 8 + sgd_step(sum(PARAMS))
+    assert math.isclose(r.summary()["iteration_time_mean"], expected, rel_tol=1e-9)
+    with pytest.raises(ValueError, match="calibration_batch"):
+        simulate(Experiment(workload=Workload(name="m", layers=measured), cluster=cluster(1),
+                            strategy=AllReduceSGD(), batch_size=BATCH))

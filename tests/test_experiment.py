@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from builders import small_workload
 
 from simulator.cluster import Cluster, LeafSpine
 from simulator.collectives import COLLECTIVE_MODELS
@@ -17,7 +18,6 @@ from simulator.compute import OPTIMIZERS, PRECISION_BYTES, ComputeModel
 from simulator.executor import simulate
 from simulator.experiment import Experiment, load_experiment
 from simulator.hardware import DEVICES, LINKS
-from simulator.workload import Layer, Workload
 from strategies import AllReduceSGD
 from strategies.collectives import ALGORITHMS
 
@@ -25,15 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "experiments" / "examples"
 
 
-def small_workload() -> Workload:
-    """Four layers, two DDP buckets (1 MiB first-bucket cap), no torch needed."""
-    params = (1_000, 200_000, 300_000, 50_000)
-    layers = tuple(
-        Layer(name=f"fc{i}", kind="Linear", params=p, fwd_flops=2.0 * p, bwd_flops=4.0 * p,
-              input_elems=500.0, output_elems=500.0)
-        for i, p in enumerate(params)
-    )
-    return Workload(name="small", layers=layers)
 
 
 def small_experiment(**changes) -> Experiment:

@@ -9,13 +9,13 @@ import json
 
 import pandas as pd
 import pytest
+from builders import small_workload
 
 from simulator.cluster import Cluster, LeafSpine
 from simulator.compute import ComputeModel
 from simulator.executor import simulate
 from simulator.experiment import Experiment
 from simulator.results import ITERATION_COLUMNS, LINK_COLUMNS, TIMELINE_COLUMNS
-from simulator.workload import Layer, Workload
 from strategies import AllReduceSGD, Job
 
 SUMMARY_KEYS = {
@@ -27,14 +27,6 @@ SUMMARY_KEYS = {
 }
 
 
-def small_workload() -> Workload:
-    params = (1_000, 200_000, 300_000, 50_000)
-    layers = tuple(
-        Layer(name=f"fc{i}", kind="Linear", params=p, fwd_flops=2.0 * p, bwd_flops=4.0 * p,
-              input_elems=500.0, output_elems=500.0)
-        for i, p in enumerate(params)
-    )
-    return Workload(name="small", layers=layers)
 
 
 def experiment(*, nodes=4, gpus_per_node=1, iterations=3, batch_size=8, **changes) -> Experiment:
