@@ -15,6 +15,7 @@ stragglers multiply every op of a rank by a fixed slowdown.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -47,16 +48,55 @@ OPTIMIZERS: Mapping[str, OptimizerCost] = MappingProxyType({
 })
 
 
-@dataclass(frozen=True, kw_only=True)
-class ComputeModel:
-    """Variability of compute: noise and stragglers."""
+DISTRIBUTIONS = ("lognormal", "normal", "exponential", "deterministic")
 
-    noise_cv: float = 0.0
-    """Coefficient of variation of each compute op's time (0 = deterministic)."""
-    stragglers: Mapping[int, float] = field(default_factory=dict)
-    """Rank -> slowdown factor (2.0 = every op of that rank takes twice as long)."""
+
+@dataclass(frozen=True, kw_only=True)
+class Slowdown:
+    """A transient slowdown: compute ops that ``rank`` starts in ``[start, end)`` take ``factor`` x longer."""
+
+    rank: int
+    start: float
+    """Seconds of simulated time."""
+    end: float
+    factor: float
 
     def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"Slowdown.rank must be an integer >= 0, got {self.rank!r}")
+        for name in ("start", "end", "factor"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"Slowdown.{name} must be a finite number >= 0, got {value!r}")
+        if self.end <= self.start:
+            raise ValueError(f"Slowdown.end must be after start ({self.start}), got {self.end!r}")
+        if self.factor <= 0:
+            raise ValueError(f"Slowdown.factor must be > 0, got {self.factor!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputeModel:
+    """Variability of compute: per-op noise, stragglers, transient slowdowns.
+
+    Each compute op's time is its model time times a draw with mean 1 from
+    ``distribution``: ``lognormal`` or ``normal`` (truncated at zero) with
+    coefficient of variation ``noise_cv``; ``exponential`` (coefficient of
+    variation 1: an op of model time ``t`` takes an exponential time of rate
+    ``1/t``, as in straggler analyses); ``deterministic``. Draws come from one
+    generator per rank, made from the experiment's seed.
+    """
+
+    distribution: str = "lognormal"
+    noise_cv: float = 0.0
+    """Coefficient of variation for ``lognormal``/``normal`` (0 = no noise); unused otherwise."""
+    stragglers: Mapping[int, float] = field(default_factory=dict)
+    """Rank -> slowdown factor (2.0 = every op of that rank takes twice as long)."""
+    slowdowns: tuple[Slowdown, ...] = ()
+    """Transient slowdowns (a rank slowed for a window of simulated time)."""
+
+    def __post_init__(self) -> None:
+        if self.distribution not in DISTRIBUTIONS:
+            raise ValueError(f"compute.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         if not (isinstance(self.noise_cv, int | float) and 0 <= self.noise_cv < 10):
             raise ValueError(f"compute.noise_cv must be a number in [0, 10), got {self.noise_cv!r}")
         clean = {}
@@ -71,9 +111,43 @@ class ComputeModel:
                 raise ValueError(f"compute.stragglers[{r}] must be a slowdown factor > 0, got {slowdown!r}")
             clean[r] = float(slowdown)
         object.__setattr__(self, "stragglers", clean)  # a private copy; picklable for process pools
+        windows = []
+        for item in self.slowdowns:
+            if isinstance(item, Mapping):
+                try:
+                    item = Slowdown(**item)
+                except TypeError:
+                    raise ValueError(
+                        f"compute.slowdowns entries need rank, start, end, factor; got {dict(item)!r}"
+                    ) from None
+            if not isinstance(item, Slowdown):
+                raise ValueError(f"compute.slowdowns entries must be Slowdown or tables, got {item!r}")
+            windows.append(item)
+        object.__setattr__(self, "slowdowns", tuple(windows))
 
     def to_dict(self) -> dict:
-        return {"noise_cv": self.noise_cv, "stragglers": {str(k): v for k, v in self.stragglers.items()}}
+        return {
+            "distribution": self.distribution,
+            "noise_cv": self.noise_cv,
+            "stragglers": {str(k): v for k, v in self.stragglers.items()},
+            "slowdowns": [dataclasses.asdict(w) for w in self.slowdowns],
+        }
+
+    def factor(self, rng: np.random.Generator) -> float:
+        """One multiplicative draw with mean 1."""
+        if self.distribution == "exponential":
+            return rng.exponential(1.0)
+        cv = self.noise_cv
+        if cv == 0 or self.distribution == "deterministic":
+            return 1.0
+        if self.distribution == "lognormal":
+            sigma2 = math.log1p(cv * cv)
+            return rng.lognormal(-0.5 * sigma2, math.sqrt(sigma2))
+        for _ in range(1000):  # normal, truncated at zero by resampling
+            x = rng.normal(1.0, cv)
+            if x > 0:
+                return x
+        raise ValueError(f"compute.noise_cv={cv} leaves almost no positive normal draws; use lognormal")
 
 
 def layer_times(workload, device, precision: str, samples: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,8 +210,9 @@ class ComputeTimer:
         params = np.array([layer.params for layer in workload.layers], dtype=float)
         self._param_prefix = np.concatenate(([0.0], np.cumsum(params)))
         self._kernel_prefix = np.concatenate(([0], np.cumsum(params > 0)))
-        cv = model.noise_cv
-        self._sigma = math.sqrt(math.log1p(cv * cv)) if cv > 0 else 0.0
+        self._noisy = model.distribution == "exponential" or (
+            model.distribution != "deterministic" and model.noise_cv > 0
+        )
 
     def _sums(self, device, samples: int):
         key = (id(device), samples)
@@ -161,11 +236,17 @@ class ComputeTimer:
         sums = fwd if kind == "forward" else bwd
         return float(sums[b] - sums[a])
 
-    def time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0) -> float:
+    def time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0,
+             *, now: float = 0.0) -> float:
+        """Seconds a compute op that ``rank`` starts at ``now`` takes, noise and slowdowns included."""
         t = self.base_time(rank, kind, span, samples, fraction)
-        slowdown = self.model.stragglers.get(rank)
+        model = self.model
+        slowdown = model.stragglers.get(rank)
         if slowdown is not None:
             t *= slowdown
-        if self._sigma:
-            t *= self.rngs[rank].lognormal(-0.5 * self._sigma**2, self._sigma)
+        for window in model.slowdowns:
+            if window.rank == rank and window.start <= now < window.end:
+                t *= window.factor
+        if self._noisy:
+            t *= model.factor(self.rngs[rank])
         return t

@@ -178,10 +178,10 @@ class _Simulation:
             kind = _COMPUTE_KIND.get(type(op))
             if kind is not None:
                 if kind == "optimizer_step":
-                    dur = timer.time(rank, kind, op.layers, 0, op.fraction)
+                    dur = timer.time(rank, kind, op.layers, 0, op.fraction, now=env.now)
                     name = kind
                 else:
-                    dur = timer.time(rank, kind, op.segment, op.samples)
+                    dur = timer.time(rank, kind, op.segment, op.samples, now=env.now)
                     name = f"{kind}[{op.segment[0]}:{op.segment[1]}]"
                 start = env.now
                 yield env.timeout(dur)

@@ -147,9 +147,8 @@ class Experiment:
             try:
                 spec["compute"] = ComputeModel(**compute)
             except TypeError:
-                raise ValueError(
-                    f"experiment.compute: unknown field in {sorted(compute)}; allowed: ['noise_cv', 'stragglers']"
-                ) from None
+                allowed = sorted(f.name for f in dataclasses.fields(ComputeModel))
+                raise ValueError(f"experiment.compute: unknown field in {sorted(compute)}; allowed: {allowed}") from None
         return cls(**spec)
 
     @classmethod

@@ -1,0 +1,81 @@
+"""Compute model: roofline arithmetic and the variability distributions."""
+
+import math
+
+import numpy as np
+import pytest
+
+from simulator.compute import ComputeModel, ComputeTimer, Slowdown, layer_times
+from simulator.hardware import Device
+from simulator.workload import Layer, Workload
+
+DEV = Device(name="d", peak_flops={"fp32": 1e12, "bf16": 4e12}, mem_bandwidth=1e11, mem_capacity=1e10,
+             compute_efficiency=0.5, memory_efficiency=0.8, kernel_overhead=1e-6)
+
+
+def wl():
+    return Workload(name="w", layers=(
+        Layer(name="mm", kind="Linear", params=1000, fwd_flops=2e6, bwd_flops=4e6, input_elems=10, output_elems=10),
+        Layer(name="relu", kind="ReLU", params=0, fwd_flops=0, bwd_flops=0, input_elems=1e6, output_elems=1e6,
+              kernels=1),
+    ))
+
+
+def test_roofline_by_hand():
+    fwd, bwd = layer_times(wl(), DEV, "fp32", 8)
+    # matmul: compute bound, 2e6*8 FLOPs at 1e12*0.5, plus one kernel
+    assert math.isclose(fwd[0], max(2e6 * 8 / 5e11, 4 * (1000 + 8 * 20) / 8e10) + 1e-6)
+    assert math.isclose(bwd[0], 4e6 * 8 / 5e11 + 2e-6)
+    # relu: memory bound, reads and writes 1e6 elements per sample in fp32
+    assert math.isclose(fwd[1], 4 * 8 * 2e6 / 8e10 + 1e-6)
+    # bf16 halves the bytes and uses the bf16 peak
+    fwd16, _ = layer_times(wl(), DEV, "bf16", 8)
+    assert math.isclose(fwd16[1], 2 * 8 * 2e6 / 8e10 + 1e-6)
+    assert math.isclose(fwd16[0], max(2e6 * 8 / 2e12, 2 * (1000 + 160) / 8e10) + 1e-6)
+
+
+def draws(model, n=20000, seed=3):
+    rngs = [np.random.default_rng(seed)]
+    timer = ComputeTimer(wl(), [DEV], "fp32", "sgd", model, rngs)
+    base = timer.base_time(0, "forward", (0, 2), 8)
+    return np.array([timer.time(0, "forward", (0, 2), 8) for _ in range(n)]) / base
+
+
+@pytest.mark.parametrize("distribution", ["lognormal", "normal"])
+def test_mean_one_with_the_requested_cv(distribution):
+    x = draws(ComputeModel(distribution=distribution, noise_cv=0.2))
+    assert abs(x.mean() - 1) < 0.01  # standard error 0.2/sqrt(20000) = 0.0014
+    assert abs(x.std() / x.mean() - 0.2) < 0.01
+
+
+def test_exponential_has_rate_one_over_the_model_time():
+    x = draws(ComputeModel(distribution="exponential"))
+    assert abs(x.mean() - 1) < 0.03
+    assert abs(x.std() - 1) < 0.05
+    assert abs((x > 1).mean() - math.exp(-1)) < 0.015  # P(T > t) = e^{-1}
+
+
+def test_deterministic_and_zero_cv_draw_nothing():
+    assert (draws(ComputeModel(distribution="deterministic", noise_cv=0.5), n=10) == 1).all()
+    assert (draws(ComputeModel(noise_cv=0.0), n=10) == 1).all()
+
+
+def test_transient_slowdown_window():
+    model = ComputeModel(slowdowns=(Slowdown(rank=0, start=1.0, end=2.0, factor=3.0),))
+    timer = ComputeTimer(wl(), [DEV, DEV], "fp32", "sgd", model, [np.random.default_rng(0)] * 2)
+    base = timer.base_time(0, "forward", (0, 2), 8)
+    assert timer.time(0, "forward", (0, 2), 8, now=0.5) == base
+    assert timer.time(0, "forward", (0, 2), 8, now=1.0) == 3 * base
+    assert timer.time(0, "forward", (0, 2), 8, now=2.0) == base
+    assert timer.time(1, "forward", (0, 2), 8, now=1.5) == base
+
+
+def test_bad_variability_settings():
+    with pytest.raises(ValueError, match="compute.distribution"):
+        ComputeModel(distribution="weibull")
+    with pytest.raises(ValueError, match="Slowdown.end"):
+        Slowdown(rank=0, start=2.0, end=1.0, factor=2.0)
+    with pytest.raises(ValueError, match="compute.slowdowns"):
+        ComputeModel(slowdowns=({"rank": 0},))
+    model = ComputeModel(slowdowns=({"rank": 1, "start": 0, "end": 1, "factor": 2},))
+    assert ComputeModel(**{**model.to_dict(), "stragglers": {}}) == model
