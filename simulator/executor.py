@@ -133,14 +133,30 @@ class _Simulation:
             "ops": self.ops_done,
             "flows": self.network.flows_started,
             "single_device_iteration_time": self._single_device_time(),
+            "ideal_throughput": self._ideal_throughput(),
         }
         return build_result(self, stats)
 
     def _single_device_time(self) -> float:
+        """Rank 0's iteration time alone: forward, backward and step, no communication."""
+        return self._alone_time(0)
+
+    def _alone_time(self, rank: int) -> float:
         n = len(self.exp.workload.layers)
         b = self.exp.batch_size
         t = self.timer
-        return float(sum(t.base_time(0, k, (0, n), b) for k in ("forward", "backward", "optimizer_step")))
+        return float(sum(t.base_time(rank, k, (0, n), b) for k in ("forward", "backward", "optimizer_step")))
+
+    def _ideal_throughput(self) -> float:
+        """Samples/s if every rank trained alone at its own device's speed, without communication."""
+        times: dict[int, float] = {}
+        total = 0.0
+        for rank, device in enumerate(self.devices):
+            key = id(device)
+            if key not in times:
+                times[key] = self._alone_time(rank)
+            total += self.exp.batch_size / times[key]
+        return total
 
     def _iteration_hook(self, rank: int):
         def hook(kind: str, i: int) -> None:

@@ -141,8 +141,7 @@ def summarise(result: RunResult) -> dict:
     throughput = samples / makespan if makespan > 0 else float("nan")
     durations = it["duration"]
     world = st["world_size"]
-    single = st.get("single_device_iteration_time")
-    single_tp = st["batch_size"] / single if single else float("nan")
+    ideal = st.get("ideal_throughput")
     compute_busy = it["compute"].sum() / (world * makespan) if makespan > 0 else float("nan")
     peak = float(result.ranks["peak_flops"].sum())
     achieved = samples * st["flops_per_sample"] / makespan if makespan > 0 else float("nan")
@@ -159,7 +158,7 @@ def summarise(result: RunResult) -> dict:
         "iteration_time_p99": _quantile(durations, 0.99),
         "compute_time_mean": float(it["compute"].mean()) if len(it) else float("nan"),
         "exposed_comm_mean": float(it["exposed_comm"].mean()) if len(it) else float("nan"),
-        "scaling_efficiency": throughput / (world * single_tp) if single else float("nan"),
+        "scaling_efficiency": throughput / ideal if ideal else float("nan"),
         "compute_utilisation": float(compute_busy),
         "model_flops_utilisation": achieved / peak if peak > 0 else float("nan"),
         "achieved_flops_per_device": achieved / world if world else float("nan"),

@@ -158,3 +158,22 @@ def test_measured_layer_times_replace_the_roofline():
     with pytest.raises(ValueError, match="calibration_batch"):
         simulate(Experiment(workload=Workload(name="m", layers=measured), cluster=cluster(1),
                             strategy=AllReduceSGD(), batch_size=BATCH))
+
+
+def test_mixed_devices_run_at_the_slowest_pace_and_efficiency_counts_each_device():
+    import dataclasses
+
+    fwd, bwd = [3e9, 5e9], [6e9, 10e9]
+    wl = workload(PARAMS, fwd, bwd)
+    slow = dataclasses.replace(DEVICE, name="half-speed", peak_flops={"fp32": PEAK / 2})
+    mixed = dataclasses.replace(cluster(2), devices=(DEVICE, slow))
+    r = simulate(Experiment(workload=wl, cluster=mixed, strategy=AllReduceSGD(overlap=False, bucket_mb=1),
+                            batch_size=BATCH, iterations=2))
+    tf, tb = times(fwd, bwd)
+    step_fast, step_slow = max(2 * 2e6 / PEAK, 12 * 2e6 / MEM_BW), max(2 * 2e6 / (PEAK / 2), 12 * 2e6 / MEM_BW)
+    # the all-reduce waits for the half-speed rank; each rank then takes its own step
+    ar = sum(ring(2, 4 * n) for n in PARAMS)
+    assert math.isclose(r.stats["makespan"], 2 * (2 * (sum(tf) + sum(tb)) + ar + step_slow), rel_tol=1e-9)
+    alone = BATCH / (sum(tf) + sum(tb) + step_fast) + BATCH / (2 * (sum(tf) + sum(tb)) + step_slow)
+    s = r.summary()
+    assert math.isclose(s["scaling_efficiency"], s["throughput"] / alone, rel_tol=1e-12)
