@@ -11,6 +11,7 @@ The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -136,7 +137,9 @@ def main(argv=None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, TypeError, RecursionError) as exc:
+        if os.environ.get("CLUSTERSIM_DEBUG"):
+            raise
         message = " ".join(str(exc).split())  # one line, whatever the message held
         print(f"clustersim: error: {message}", file=sys.stderr)
         return EXIT_USAGE

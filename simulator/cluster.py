@@ -35,8 +35,9 @@ the catalogue figures:
   ``inter.latency + 2 * hop_latency``. Each leaf has uplink capacity
   ``nodes_per_leaf * nics_per_node * inter.bandwidth / oversubscription`` per
   direction, split evenly over ``spines`` links (a last, partly filled leaf
-  has the same switch and uplinks). The spine is ``(src + dst) % spines``:
-  ECMP-like, deterministic, no random numbers.
+  has the same switch and uplinks). The spine is the source NIC's slot in its
+  leaf modulo ``spines``: static, deterministic routing in which a leaf's NICs
+  spread over its uplinks, so permutation traffic does not collide on them.
 
 Path latencies are summed with ``math.fsum``, so a sum of halves is the exact,
 correctly rounded sum of the catalogue latencies.
@@ -137,7 +138,11 @@ def _topology(spec: Any) -> Topology:
                 f"Cluster.topology: unknown field(s) {', '.join(unknown)} for {spec['kind']}; "
                 f"allowed: {', '.join(allowed) or 'none'}"
             )
-        return cls(**fields)
+        try:
+            return cls(**fields)
+        except TypeError:
+            required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+            raise ValueError(f"Cluster.topology: {spec['kind']} needs {', '.join(required)}; got {dict(fields)}") from None
     raise ValueError(
         f"Cluster.topology must be SingleSwitch(), LeafSpine(...) or a mapping with "
         f"kind 'single_switch' or 'leaf_spine', got {spec!r}"
@@ -186,6 +191,11 @@ class Cluster:
         s("nodes", _positive_int(self.nodes, "Cluster.nodes"))
         s("gpus_per_node", _positive_int(self.gpus_per_node, "Cluster.gpus_per_node"))
         s("nics_per_node", _positive_int(self.nics_per_node, "Cluster.nics_per_node"))
+        if self.nics_per_node > self.gpus_per_node:
+            raise ValueError(
+                f"Cluster.nics_per_node must be at most gpus_per_node={self.gpus_per_node} "
+                f"(local GPU g uses NIC g % nics_per_node), got {self.nics_per_node}"
+            )
         s("device", _device_for(self.device, "Cluster.device"))
         s("intra", _link_for(self.intra, "Cluster.intra"))
         s("inter", _link_for(self.inter, "Cluster.inter"))
@@ -354,7 +364,10 @@ class Cluster:
         if isinstance(topo, LeafSpine):
             src_leaf, dst_leaf = src_node // topo.nodes_per_leaf, dst_node // topo.nodes_per_leaf
             if src_leaf != dst_leaf:
-                spine = (src + dst) % topo.spines
+                # The source NIC's slot in its leaf picks the spine: distinct NICs of a leaf use
+                # distinct uplinks (a sum of ranks collided for every power-of-two partner).
+                slot = (src_node % topo.nodes_per_leaf) * nics + (src % self.gpus_per_node) % nics
+                spine = slot % topo.spines
                 path.append(g.leaf_up[src_leaf * topo.spines + spine])
                 path.append(g.leaf_down[dst_leaf * topo.spines + spine])
         path.append(g.nic_down[dst_nic])

@@ -298,8 +298,11 @@ def simulate_collective(
     them issue the collective at time zero. The result is when the last member
     finishes.
     """
-    if not nbytes >= 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+    from simulator.units import parse_bytes
+
+    nbytes = parse_bytes(nbytes, "nbytes")  # a number of bytes, or a string like "256MB"
+    if ranks is not None and (isinstance(ranks, str) or not hasattr(ranks, "__iter__")):
+        raise ValueError(f"ranks must be a sequence of ranks, got {ranks!r}")
     group = tuple(range(cluster.world_size)) if ranks is None else tuple(ranks)
     if not group:
         raise ValueError("ranks must name at least one rank")

@@ -97,8 +97,12 @@ class ComputeModel:
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
             raise ValueError(f"compute.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
-        if not (isinstance(self.noise_cv, int | float) and 0 <= self.noise_cv < 10):
+        if isinstance(self.noise_cv, bool) or not (isinstance(self.noise_cv, int | float) and 0 <= self.noise_cv < 10):
             raise ValueError(f"compute.noise_cv must be a number in [0, 10), got {self.noise_cv!r}")
+        if not isinstance(self.stragglers, Mapping):
+            raise ValueError(f"compute.stragglers must be a table of rank -> slowdown factor, got {self.stragglers!r}")
+        if isinstance(self.slowdowns, str | Mapping) or not isinstance(self.slowdowns, tuple | list):
+            raise ValueError(f"compute.slowdowns must be a list of windows, got {self.slowdowns!r}")
         clean = {}
         for rank, slowdown in dict(self.stragglers).items():
             try:
@@ -107,7 +111,8 @@ class ComputeModel:
                 raise ValueError(f"compute.stragglers keys must be ranks (integers), got {rank!r}") from None
             if r < 0:
                 raise ValueError(f"compute.stragglers rank must be >= 0, got {r}")
-            if not (isinstance(slowdown, int | float) and slowdown > 0 and math.isfinite(slowdown)):
+            if isinstance(slowdown, bool) or not (isinstance(slowdown, int | float) and slowdown > 0
+                                                  and math.isfinite(slowdown)):
                 raise ValueError(f"compute.stragglers[{r}] must be a slowdown factor > 0, got {slowdown!r}")
             clean[r] = float(slowdown)
         object.__setattr__(self, "stragglers", clean)  # a private copy; picklable for process pools

@@ -16,6 +16,7 @@ environment, random generator, network and records. Nothing is global.
 from __future__ import annotations
 
 import time
+import warnings
 from collections import deque
 
 import numpy as np
@@ -128,6 +129,12 @@ class _Simulation:
             stuck = [(r, self._blocked_on[r]) for r in range(self.world) if not self._finished[r]]
             detail = "; ".join(f"rank {r} waits on {op!r}" for r, op in stuck[:4])
             raise RuntimeError(f"simulation deadlocked: {len(stuck)} rank(s) never finished ({detail})")
+        if self.network.bundles_contended:
+            warnings.warn(
+                f"{self.network.bundles_contended} collective(s) on the closed-form fast path shared links "
+                "with other traffic, where that path is approximate; collective_model='stepped' is exact",
+                RuntimeWarning, stacklevel=3,
+            )
         stats = {
             "wall_seconds": time.perf_counter() - wall,
             "ops": self.ops_done,

@@ -62,6 +62,10 @@ class Experiment:
     name: str = ""
 
     def __post_init__(self) -> None:
+        if isinstance(self.compute, dict):
+            object.__setattr__(self, "compute", ComputeModel(**self.compute))
+        if not isinstance(self.compute, ComputeModel):
+            raise ValueError(f"Experiment.compute must be a ComputeModel or a table, got {self.compute!r}")
         if not isinstance(self.workload, Workload):
             raise ValueError(f"Experiment.workload must be a Workload, got {type(self.workload).__name__}")
         if not isinstance(self.cluster, Cluster):
@@ -79,7 +83,7 @@ class Experiment:
             raise ValueError(f"Experiment.name must be a string, got {self.name!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"Experiment.seed must be an integer >= 0, got {self.seed!r}")
-        if self.precision not in PRECISION_BYTES:
+        if not isinstance(self.precision, str) or self.precision not in PRECISION_BYTES:
             raise ValueError(f"Experiment.precision must be one of {tuple(PRECISION_BYTES)}, got {self.precision!r}")
         for rank in range(self.cluster.world_size if self.cluster.devices is not None else 1):
             device = self.cluster.device_of(rank)
@@ -88,13 +92,16 @@ class Experiment:
                     f"Experiment.precision {self.precision!r} is not supported by device {device.name} "
                     f"(rank {rank}); it has {tuple(device.peak_flops)}"
                 )
-        if self.optimizer not in OPTIMIZERS:
+        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
             raise ValueError(f"Experiment.optimizer must be one of {tuple(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.collective_model not in COLLECTIVE_MODELS:
+        if not isinstance(self.collective_model, str) or self.collective_model not in COLLECTIVE_MODELS:
             raise ValueError(
                 f"Experiment.collective_model must be one of {COLLECTIVE_MODELS}, got {self.collective_model!r}"
             )
         world = self.cluster.world_size
+        for window in self.compute.slowdowns:
+            if window.rank >= world:
+                raise ValueError(f"compute.slowdowns names rank {window.rank}, but the cluster has ranks 0..{world - 1}")
         for rank in self.compute.stragglers:
             if rank >= world:
                 raise ValueError(f"compute.stragglers names rank {rank}, but the cluster has ranks 0..{world - 1}")
@@ -184,6 +191,8 @@ def workload_from_spec(spec, *, base_dir: Path | None = None) -> Workload:
     if "path" in spec:
         if set(spec) != {"path"}:
             raise ValueError(f"workload: with 'path', no other field is allowed; got {sorted(spec)}")
+        if not isinstance(spec["path"], str):
+            raise ValueError(f"workload.path must be a file name (string), got {spec['path']!r}")
         path = Path(spec["path"])
         if base_dir is not None and not path.is_absolute():
             path = base_dir / path
@@ -257,6 +266,8 @@ def load_experiment(path: str | Path) -> Experiment:
             spec = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: malformed JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply") from None
     else:
         raise ValueError(f"experiment file must end in .toml or .json, got {path.name!r}")
     return Experiment.from_dict(spec, base_dir=path.parent)

@@ -16,8 +16,9 @@ and its projected finish time in a heap, so nothing is touched between events.
 Ties are broken by start order (dicts, not sets), so a run is reproducible.
 
 Flows can carry per-link byte counts different from their own size (a
-collective fast path moves one "bundle" over many links); by default each link
-on the path carries the flow's bytes.
+collective's fast path moves one "bundle" over many links); by default each
+link on the path carries the flow's bytes. A bundle credits each link with the
+time its bytes take at the link's capacity, and records no busy interval.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ _RTOL = 1e-12
 
 
 class Flow:
-    __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done")
+    __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done", "link_bytes")
 
-    def __init__(self, fid, path, size, latency, done, now):
+    def __init__(self, fid, path, size, latency, done, now, link_bytes=None):
         self.id: int = fid
         self.path: tuple[int, ...] = path
         self.size: float = size
@@ -43,6 +44,8 @@ class Flow:
         self.finish: float = float("inf")
         self.latency: float = latency
         self.done: simpy.Event = done
+        self.link_bytes = link_bytes
+        """Per-link bytes of a bundle (a collective's fast path), else None."""
 
     def set_rate(self, rate: float, now: float) -> None:
         self.remaining -= self.rate * (now - self.t0)
@@ -78,7 +81,10 @@ class Network:
         self._recompute_pending = False
         self._wake_at = float("inf")
         self._wake_token = 0
+        self._busy_count = [0] * n
         self.flows_started = 0
+        self.bundles_contended = 0
+        """Bundles that shared a link with another flow: there the fast path is approximate."""
 
     # public API
     def transfer(
@@ -108,16 +114,35 @@ class Network:
             self._finish_after(done, latency)
             return done
         now = env.now
-        flow = Flow(self.flows_started, path, nbytes, latency, done, now)
+        flow = Flow(self.flows_started, path, nbytes, latency, done, now, link_bytes)
         self._flows[flow] = None
+        contended = False
         for link in path:
             flows = self.link_flows[link]
-            if not flows:
-                self._busy_since[link] = now
+            if flows and (link_bytes is not None or any(f.link_bytes is not None for f in flows)):
+                contended = True
+            if link_bytes is None:
+                self._busy_more(link, now)
             flows[flow] = None
             self._dirty[link] = None
+        if contended:
+            self.bundles_contended += 1
         self._request_recompute()
         return done
+
+    def _busy_more(self, link: int, now: float) -> None:
+        if self._busy_count[link] == 0:
+            self._busy_since[link] = now
+        self._busy_count[link] += 1
+
+    def _busy_less(self, link: int, now: float) -> None:
+        self._busy_count[link] -= 1
+        if self._busy_count[link] == 0:
+            since = self._busy_since[link]
+            self.busy_time[link] += now - since
+            if self.record_busy:
+                self.busy_intervals.append((link, since, now))
+            self._busy_since[link] = None
 
     @property
     def active_flows(self) -> int:
@@ -230,16 +255,15 @@ class Network:
                 finished[f] = None
         for f in finished:
             del self._flows[f]
-            for link in f.path:
-                flows = self.link_flows[link]
-                del flows[f]
+            for i, link in enumerate(f.path):
+                del self.link_flows[link][f]
                 self._dirty[link] = None
-                if not flows:
-                    since = self._busy_since[link]
-                    self.busy_time[link] += now - since
-                    if self.record_busy:
-                        self.busy_intervals.append((link, since, now))
-                    self._busy_since[link] = None
+                if f.link_bytes is None:
+                    self._busy_less(link, now)
+                else:
+                    # A bundle stands for many short transfers: credit the time its bytes keep
+                    # this link busy at full rate, not the whole collective.
+                    self.busy_time[link] += f.link_bytes[i] / self.capacity[link]
             self._finish_after(f.done, f.latency)
         if finished:
             self._recompute()

@@ -10,7 +10,8 @@ schema:
 * ``timeline``: resource, rank, stream, name, start, end, iteration — one span
   per compute op, per collective member, per send, and per busy interval of a
   link (rank -1)
-* ``links``: link, name, bandwidth, bytes, busy_time, utilisation
+* ``links``: link, name, bandwidth, bytes, busy_time (time carrying at least one
+  flow), utilisation (bytes / (bandwidth x makespan))
 * ``updates``: worker, version_read, version_applied, staleness, time (filled
   by strategies that apply updates one by one, e.g. a parameter server)
 * ``ranks``: rank, node, device, bytes_sent
@@ -101,7 +102,8 @@ def build_result(sim, stats: dict) -> RunResult:
         "bytes": net.bytes,
         "busy_time": net.busy_time,
     })
-    links["utilisation"] = links["busy_time"] / makespan if makespan > 0 else 0.0
+    # Carried bytes over capacity: the same whichever way collectives were simulated.
+    links["utilisation"] = links["bytes"] / (links["bandwidth"] * makespan) if makespan > 0 else 0.0
     ranks = pd.DataFrame({
         "rank": np.arange(sim.world),
         "node": [cluster.node_of(r) for r in range(sim.world)],
@@ -117,6 +119,7 @@ def build_result(sim, stats: dict) -> RunResult:
         batch_size=exp.batch_size,
         flops_per_sample=float(workload.fwd_flops + workload.bwd_flops),
         executor="simulator",
+        bundles_contended=net.bundles_contended,
     )
     return RunResult(
         experiment=exp.to_dict(),

@@ -13,7 +13,7 @@ def strategy_from_dict(spec: dict):
         raise ValueError(f"strategy must be a table with a 'name', got {spec!r}")
     spec = dict(spec)
     name = spec.pop("name", None)
-    if name not in STRATEGIES:
+    if not isinstance(name, str) or name not in STRATEGIES:
         raise ValueError(f"strategy.name must be one of {tuple(STRATEGIES)}, got {name!r}")
     cls = STRATEGIES[name]
     try:

@@ -50,8 +50,8 @@ class AllReduceSGD:
         _check_algorithm("all_reduce", self.algorithm, "AllReduceSGD.algorithm")
         for field in ("bucket_mb", "first_bucket_mb"):
             value = getattr(self, field)
-            if not (isinstance(value, int | float) and value > 0):
-                raise ValueError(f"AllReduceSGD.{field} must be a number > 0 (MiB), got {value!r}")
+            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < float("inf")):
+                raise ValueError(f"AllReduceSGD.{field} must be a finite number > 0 (MiB), got {value!r}")
         if not isinstance(self.overlap, bool):
             raise ValueError(f"AllReduceSGD.overlap must be true or false, got {self.overlap!r}")
         if self.grad_dtype not in DTYPE_BYTES:

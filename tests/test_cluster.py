@@ -114,9 +114,12 @@ def test_oversubscription_4_gives_a_quarter_of_the_leaf_nic_bandwidth(spines):
 
 
 def test_spine_choice_spreads_deterministically():
+    # the source NIC's slot in its leaf picks the spine: a leaf's NICs use distinct uplinks
     c = leaf_spine(nodes=4, nodes_per_leaf=2, spines=2)
     assert names(c, 0, 2)[1:3] == ["leaf0->spine0", "spine0->leaf1"]
-    assert names(c, 0, 3)[1:3] == ["leaf0->spine1", "spine1->leaf1"]
+    assert names(c, 0, 3)[1:3] == ["leaf0->spine0", "spine0->leaf1"]
+    assert names(c, 1, 2)[1:3] == ["leaf0->spine1", "spine1->leaf1"]
+    assert names(c, 3, 0)[1:3] == ["leaf1->spine1", "spine1->leaf0"]
 
 
 def test_partial_last_leaf():
@@ -135,7 +138,7 @@ def clusters(draw):
         st.builds(LeafSpine, nodes_per_leaf=st.integers(1, 4), oversubscription=st.sampled_from([1, 2, 3.5, 4]),
                   spines=st.integers(1, 3), hop_latency=st.sampled_from([0.0, 1e-7, 5e-7]))))
     c = Cluster.homogeneous(nodes=nodes, gpus_per_node=gpus, intra=draw(st.sampled_from(["nvlink3", "pcie4"])),
-                            inter=draw(st.sampled_from(["25GbE", "IB-NDR"])), nics_per_node=draw(st.integers(1, 3)),
+                            inter=draw(st.sampled_from(["25GbE", "IB-NDR"])), nics_per_node=draw(st.integers(1, min(3, gpus))),
                             topology=topology)
     src, dst = draw(st.lists(st.integers(0, c.world_size - 1), min_size=2, max_size=2, unique=True))
     return c, src, dst

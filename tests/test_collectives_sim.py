@@ -161,3 +161,12 @@ def test_wake_up_rounding_below_the_finish_time_still_completes():
     fast = simulate_collective(cluster, "all_reduce", nbytes, algorithm="ring")
     stepped = simulate_collective(cluster, "all_reduce", nbytes, algorithm="ring", model="stepped")
     assert math.isclose(fast, stepped, rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("spines", [2, 4])
+def test_non_blocking_leaf_spine_with_spines_matches_one_switch(spines):
+    # each NIC of a leaf has its own uplink slot, so permutation traffic never collides
+    top = LeafSpine(nodes_per_leaf=4, oversubscription=1.0, spines=spines, hop_latency=0.0)
+    for alg in ("halving_doubling", "ring"):
+        t = simulate_collective(flat(8, topology=top), "all_reduce", N, algorithm=alg)
+        assert rel(t, simulate_collective(flat(8), "all_reduce", N, algorithm=alg)) < 1e-12

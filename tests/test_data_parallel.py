@@ -177,3 +177,15 @@ def test_mixed_devices_run_at_the_slowest_pace_and_efficiency_counts_each_device
     alone = BATCH / (sum(tf) + sum(tb) + step_fast) + BATCH / (2 * (sum(tf) + sum(tb)) + step_slow)
     s = r.summary()
     assert math.isclose(s["scaling_efficiency"], s["throughput"] / alone, rel_tol=1e-12)
+
+
+def test_link_tables_do_not_depend_on_the_collective_model():
+    wl = workload([300_000, 2_000_000, 700_000], [1e9, 4e9, 2e9], [2e9, 8e9, 4e9])
+    cl = Cluster.homogeneous(nodes=2, gpus_per_node=4, inter="25GbE")
+    base = Experiment(workload=wl, cluster=cl, strategy=AllReduceSGD(bucket_mb=2), batch_size=BATCH, iterations=2)
+    fast, stepped = simulate(base), simulate(base.replace(collective_model="stepped"))
+    assert fast.stats["bundles_contended"] == 0
+    assert list(fast.links["bytes"]) == pytest.approx(list(stepped.links["bytes"]), rel=1e-12)
+    assert list(fast.links["utilisation"]) == pytest.approx(list(stepped.links["utilisation"]), rel=1e-9)
+    assert list(fast.links["busy_time"]) == pytest.approx(list(stepped.links["busy_time"]), rel=1e-9)
+    assert fast.summary()["network_utilisation"] == pytest.approx(stepped.summary()["network_utilisation"])

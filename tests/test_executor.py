@@ -101,3 +101,20 @@ def test_strategy_without_programs_is_refused():
     cluster = Cluster.homogeneous(nodes=2)
     with pytest.raises(ValueError, match="Experiment.strategy"):
         Experiment(workload=WORKLOAD, cluster=cluster, strategy=object())
+
+
+def test_fast_path_contention_is_counted_and_warned():
+    """Two rings share each node's NIC (latency 1 ms): there the bundle is only approximate."""
+    cluster = Cluster.homogeneous(nodes=4, gpus_per_node=2, inter=LinkSpec(name="n", bandwidth=B, latency=1e-3))
+
+    def program(ctx):
+        for _ in ctx.iterations():
+            group = tuple(r for r in range(8) if r % 2 == ctx.rank % 2)
+            yield ctx.all_reduce(TensorRef("g", 1e6 * (1 + 2 * (ctx.rank % 2))), algorithm="ring", group=group)
+
+    exp = Experiment(workload=WORKLOAD, cluster=cluster, strategy=Custom(program), iterations=1)
+    with pytest.warns(RuntimeWarning, match="stepped"):
+        fast = simulate(exp)
+    assert fast.stats["bundles_contended"] > 0
+    stepped = simulate(exp.replace(collective_model="stepped"))
+    assert stepped.stats["bundles_contended"] == 0
