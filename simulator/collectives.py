@@ -1,9 +1,11 @@
 """Collectives on the simulated network: step schedules become flows.
 
 A collective's step schedule (``strategies.collectives``) runs with per-rank
-step dependencies: a rank starts its transfers of step ``k`` once every
-transfer it took part in during earlier steps has completed, and a transfer
-starts when both its ends are ready. Every transfer is a flow in the
+step dependencies: a rank starts its sends of step ``k`` once its sends of
+earlier steps have left it (drained) and its receives of earlier steps have
+arrived (latency included). A sender does not wait for its receiver, so
+pipelined schedules (a chain broadcast, a tree) pay each hop's latency once,
+not once per chunk. Every transfer is a flow in the
 max-min fair network, so collectives contend with each other and with
 point-to-point traffic.
 
@@ -15,11 +17,11 @@ carrying ``sum(repeat * chunk)`` bytes with latency ``sum(repeat * a)`` at
 bottleneck ``B``. This is taken only where it equals the stepped result
 uncontended: no link carries two transfers of one step, and either
 
-* there is one run (a ring) and one pair has both the largest latency ``a`` and
-  the smallest bottleneck ``B``: with per-rank dependencies that slowest pair
-  ``m`` gates every step (``T_r(k) <= k*d_m`` for all ranks by induction, and
-  ``T_m(k) >= T_m(k-1) + d_m``), so the collective ends at
-  ``sum(repeat * (a_m + chunk / B_m))``; or
+* there is one run (a ring): every step repeats the same pairs, so each link
+  only ever carries one pair's transfers, one at a time, and the stepped flows
+  never share a link. The run's finish then follows from the stepped rules
+  alone (a max-plus recurrence over ranks, evaluated with numpy), and the bundle
+  carries the run's bytes at its bottleneck with the rest as latency; or
 * in every run all pairs see the same ``a`` and ``B`` and every member takes
   part in every phase, so all ranks finish every step together and the runs
   follow one another (hierarchical all-reduce with a NIC per GPU, halving-
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
 
+import numpy as np
 import simpy
 
 from simulator.network import Network
@@ -156,31 +159,50 @@ class CollectiveRunner:
         return tuple(bundles)
 
     def _run_bundle(self, run, group):
-        """One bundle for a run of phases with the same pairs, or None if it can't be exact."""
+        """One bundle for a run of phases with the same pairs, or None if it can't be exact.
+
+        Returns (bundle, uniform, everyone): uniform when every pair sees the same
+        latency and bottleneck; everyone when every member both sends and receives.
+        """
         cluster = self.cluster
         pairs = run[0].pairs
+        p = len(group)
         link_bytes: Counter = Counter()
         used: set[int] = set()
-        stats = set()
         run_bytes = sum(ph.repeat * ph.nbytes for ph in run)
-        for s, d in pairs:
+        lat = np.empty(len(pairs))
+        bw = np.empty(len(pairs))
+        for i, (s, d) in enumerate(pairs):
             gs, gd = group[s], group[d]
             for link in cluster.route(gs, gd):
                 if link in used:
                     return None  # two transfers of one step share a link
                 used.add(link)
                 link_bytes[link] += run_bytes
-            stats.add((cluster.path_latency(gs, gd), cluster.path_bandwidth(gs, gd)))
-        a, b = max(a for a, _ in stats), min(b for _, b in stats)
-        if (a, b) not in stats:
-            return None  # no single pair is slowest in both latency and bandwidth
-        everyone = {x for pair in pairs for x in pair} == set(range(len(group)))
+            lat[i], bw[i] = cluster.path_latency(gs, gd), cluster.path_bandwidth(gs, gd)
+        src = np.array([s for s, _ in pairs])
+        dst = np.array([d for _, d in pairs])
+        everyone = set(src.tolist()) == set(dst.tolist()) == set(range(p))
+        # Exact finish of the run from a common start, by the stepped rules: a sender is
+        # free when its bytes have left, a receiver when they have arrived. No link carries
+        # two transfers of a step and every step repeats the same pairs, so a link only ever
+        # carries one pair's transfers, one at a time: the stepped flows never share.
+        level = np.zeros(p)
+        for ph in run:
+            drain = ph.nbytes / bw
+            for _ in range(ph.repeat):
+                start = level[src]
+                nxt = level.copy()
+                nxt[src] = start + drain
+                np.maximum.at(nxt, dst, start + drain + lat)
+                level = nxt
+        total = float(level.max())
+        b = float(bw.min())
         path = tuple(link_bytes)
-        # The bundle drains at its most constrained link, which is the slowest pair's bottleneck.
+        # The bundle drains at its most constrained link; the rest of the time is latency.
         assert min(cluster.links[i].bandwidth for i in path) == b
-        bundle = _Bundle(path, tuple(link_bytes[i] for i in path), run_bytes,
-                         sum(ph.repeat for ph in run) * a)
-        return bundle, len(stats) == 1, everyone
+        bundle = _Bundle(path, tuple(link_bytes[i] for i in path), run_bytes, max(total - run_bytes / b, 0.0))
+        return bundle, len(set(zip(lat.tolist(), bw.tolist(), strict=True))) == 1, everyone
 
 
 class _StepPlan:
@@ -233,38 +255,35 @@ class _SteppedRun:
                 self._try_start(r)
 
     def _try_start(self, r: int) -> None:
+        """Start the sends of ``r``'s current step: a sender needs only itself to be ready."""
         k = self._level(r)
         if k == float("inf"):
             return
         transfers = self.steps[k]
         for idx in self.pending[(k, r)]:
-            if (k, idx) not in self.started:
-                t = transfers[idx]
-                other = t.dst if t.src == r else t.src
-                if self._level(other) == k:
-                    self._start(k, idx, t)
+            t = transfers[idx]
+            if t.src == r and (k, idx) not in self.started:
+                self._start(k, idx, t)
 
     def _start(self, k: int, idx: int, t) -> None:
         self.started.add((k, idx))
         runner = self.runner
         path, latency = runner.route(self.group[t.src], self.group[t.dst])
-        done = runner.network.transfer(path, t.nbytes, latency)
+        done = runner.network.transfer(path, t.nbytes, latency, on_drain=lambda: self._part_done(k, t.src))
         runner.transfers += 1
-        done.callbacks.append(lambda _e: self._finished(k, t))
+        done.callbacks.append(lambda _e: self._part_done(k, t.dst))
 
-    def _finished(self, k: int, t) -> None:
-        advanced = []
-        for r in (t.src, t.dst):
-            key = (k, r)
-            self.remaining[key] -= 1
-            if self.remaining[key] == 0:
-                self.pos[r] += 1
-                advanced.append(r)
-        for r in advanced:
-            if self.pos[r] == len(self.parts[r]):
-                self.on_rank_done(r)
-            else:
-                self._try_start(r)
+    def _part_done(self, k: int, r: int) -> None:
+        """``r``'s send has left, or its receive has arrived."""
+        key = (k, r)
+        self.remaining[key] -= 1
+        if self.remaining[key]:
+            return
+        self.pos[r] += 1
+        if self.pos[r] == len(self.parts[r]):
+            self.on_rank_done(r)
+        else:
+            self._try_start(r)
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,9 +32,10 @@ _RTOL = 1e-12
 
 
 class Flow:
-    __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done", "link_bytes")
+    __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done", "link_bytes",
+                 "on_drain")
 
-    def __init__(self, fid, path, size, latency, done, now, link_bytes=None):
+    def __init__(self, fid, path, size, latency, done, now, link_bytes=None, on_drain=None):
         self.id: int = fid
         self.path: tuple[int, ...] = path
         self.size: float = size
@@ -46,6 +47,7 @@ class Flow:
         self.done: simpy.Event = done
         self.link_bytes = link_bytes
         """Per-link bytes of a bundle (a collective's fast path), else None."""
+        self.on_drain = on_drain
 
     def set_rate(self, rate: float, now: float) -> None:
         self.remaining -= self.rate * (now - self.t0)
@@ -94,8 +96,13 @@ class Network:
         latency: float = 0.0,
         *,
         link_bytes: Sequence[float] | None = None,
+        on_drain=None,
     ) -> simpy.Event:
-        """Start a flow now; the returned event fires when its last byte has arrived."""
+        """Start a flow now; the returned event fires when its last byte has arrived.
+
+        ``on_drain()``, if given, is called when the last byte has left the sender
+        (before the path latency): a sender is free from then on.
+        """
         if not nbytes >= 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
         if not latency >= 0:
@@ -111,10 +118,12 @@ class Network:
             for link, b in zip(path, link_bytes, strict=True):
                 self.bytes[link] += b
         if nbytes == 0 or not path:
+            if on_drain is not None:
+                on_drain()
             self._finish_after(done, latency)
             return done
         now = env.now
-        flow = Flow(self.flows_started, path, nbytes, latency, done, now, link_bytes)
+        flow = Flow(self.flows_started, path, nbytes, latency, done, now, link_bytes, on_drain)
         self._flows[flow] = None
         contended = False
         for link in path:
@@ -264,6 +273,8 @@ class Network:
                     # A bundle stands for many short transfers: credit the time its bytes keep
                     # this link busy at full rate, not the whole collective.
                     self.busy_time[link] += f.link_bytes[i] / self.capacity[link]
+            if f.on_drain is not None:
+                f.on_drain()
             self._finish_after(f.done, f.latency)
         if finished:
             self._recompute()

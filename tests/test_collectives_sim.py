@@ -50,20 +50,51 @@ def test_ring_all_gather(p, model):
 
 
 @pytest.mark.parametrize("p", [2, 5, 8, 13])
-def test_ring_reduce_scatter_and_binomial_broadcast(p):
+def test_ring_reduce_scatter(p):
     t = simulate_collective(flat(p), "reduce_scatter", N, algorithm="ring")
     assert rel(t, (p - 1) * (A + N / p / B)) < 1e-9
+
+
+@pytest.mark.parametrize("p", [2, 4, 8, 16])
+def test_binomial_broadcast_power_of_two(p):
+    # the deepest chain forwards log2(p) times, each hop after the previous arrival
     t = simulate_collective(flat(p), "broadcast", N, algorithm="tree")
-    assert rel(t, math.ceil(math.log2(p)) * (A + N / B)) < 1e-9
+    assert rel(t, math.log2(p) * (A + N / B)) < 1e-9
+
+
+def test_binomial_broadcast_of_five_senders_free_at_drain():
+    # The root sends to 4, then 2, then 1; each send starts when the previous one has left
+    # the root (N/B), not when it has arrived. Rank 2 (arrival 2N/B + a) forwards to 3:
+    # arrival 3N/B + 2a; rank 1 gets the root's third send at 3N/B + a.
+    t = simulate_collective(flat(5), "broadcast", N, algorithm="tree")
+    assert rel(t, 3 * N / B + 2 * A) < 1e-9
+
+
+@pytest.mark.parametrize("p", [2, 3, 8])
+def test_chain_broadcast_pipelines_latency(p):
+    """k chunks of c down a chain: the first chunk reaches the end after (p-1)(a + c/B);
+    the root streams the rest back to back, one every c/B."""
+    from strategies.collectives import schedule
+
+    k = schedule("broadcast", "ring", p, N).nchunks
+    c = N / k
+    t = simulate_collective(flat(p), "broadcast", N, algorithm="ring")
+    assert k > 100
+    assert rel(t, (p - 1) * (A + c / B) + (k - 1) * c / B) < 1e-9
 
 
 def test_non_power_of_two_halving_doubling_pays_the_fold():
-    # p = 6: 2 extra ranks fold into partners (one full-buffer step before, one after),
-    # then halving-doubling over 4 ranks: 2*log2(4) steps moving 2*(3/4)*N.
-    p = 6
-    expected = 2 * (A + N / B) + 2 * 2 * A + 2 * 3 / 4 * N / B
-    t = simulate_collective(flat(p), "all_reduce", N, algorithm="halving_doubling")
-    assert rel(t, expected) < 1e-9
+    """p = 6 (T = N/B): ranks 0 and 2 fold their buffers into 1 and 3; 4 and 5 are not folded.
+
+    0-T+A: 0->1 and 2->3 carry N. 4<->5 exchange N/2 at once and are ready at T/2+A, so
+    they send their next N/4 to 1 and 3, sharing those down-links with the fold (B/2
+    each) until T+A; the fold then finishes alone at 1.25T, arriving 1.25T+A. From there:
+    1<->3 N/2 (arrive 1.75T+2A); 1->4 N/4 (1 free at 2T+2A, 4 has it at 2T+3A);
+    all-gather 1<->4 N/4 (1 ready at 2.25T+4A); 1<->3 N/2 (2.75T+5A); 1->0 N: 3.75T+6A.
+    """
+    T = N / B
+    t = simulate_collective(flat(6), "all_reduce", N, algorithm="halving_doubling")
+    assert rel(t, 3.75 * T + 6 * A) < 1e-9
 
 
 def test_one_rank_takes_no_time():
@@ -88,19 +119,23 @@ def test_oversubscribed_core_slows_cross_leaf_steps():
     for model in ("auto", "stepped"):
         t = simulate_collective(cluster, "all_reduce", N, algorithm="halving_doubling", model=model)
         assert rel(t, expected) < 1e-9
-    # a ring crosses each leaf boundary with one flow per step: no slowdown but the hops
+    # A ring crosses each leaf boundary with one flow per step: no bandwidth loss. The
+    # critical chain is 2(p-1) = 14 consecutive hops around the ring, at most 4 of which
+    # cross leaves and pay 2 extra switch hops.
     ring = simulate_collective(cluster, "all_reduce", N, algorithm="ring")
-    assert rel(ring, 2 * (p - 1) * (A + 2 * top.hop_latency + N / p / B)) < 1e-9
+    assert rel(ring, 2 * (p - 1) * (A + N / p / B) + 4 * 2 * top.hop_latency) < 1e-9
 
 
 def test_ring_on_multi_gpu_nodes_is_nic_bound():
-    # 4 nodes x 4 GPUs, NVLink inside, one NIC per node: every ring step is gated by
-    # the inter-node hop (largest latency and smallest bandwidth).
+    # 4 nodes x 4 GPUs, NVLink inside, one NIC per node. A node's NIC sender needs each
+    # chunk from its NVLink neighbour, which had it one step (c/B = 1.28 ms) earlier plus
+    # a few microseconds of NVLink: it is never starved, sends its 2(p-1) chunks back to
+    # back, and the last one arrives one NIC latency later.
     nv = LinkSpec(name="nv", bandwidth=300e9, latency=1e-6)
     net = LinkSpec(name="net", bandwidth=B, latency=A)
     cluster = Cluster.homogeneous(nodes=4, gpus_per_node=4, intra=nv, inter=net)
     p = 16
-    expected = 2 * (p - 1) * (A + N / p / B)
+    expected = 2 * (p - 1) * N / p / B + A
     for model in ("auto", "stepped"):
         assert rel(simulate_collective(cluster, "all_reduce", N, algorithm="ring", model=model), expected) < 1e-9
 

@@ -10,10 +10,13 @@ Semantics an executor follows
   parts; for a real tensor the parts ``tensor_split``/``array_split`` gives).
   ``nbytes`` is the full buffer: the gathered output of all_gather, the full
   input of reduce_scatter, each rank's whole send buffer of all_to_all.
-* Steps run in order. A rank starts its transfers of step ``k`` once every
-  transfer it took part in (as src or dst) in earlier steps is done; there is
-  no global barrier. (A rank's buffer changes only through its own transfers,
-  so this gives the same result as running the steps in lockstep.)
+* Steps run in order. A rank starts its sends of step ``k`` once its sends of
+  earlier steps have left it and its receives of earlier steps have arrived;
+  there is no global barrier, and a sender does not wait for its receiver:
+  data that arrives before the receiver reaches that step waits in a receive
+  buffer (as in NCCL's slots) and is applied in step order. (A rank's buffer
+  changes only through its own transfers, so this gives the same result as
+  running the steps in lockstep.)
 * Within a step every send reads the sender's chunk as it was at the start of
   the step; then receives are applied: ``reduce`` adds into the receiver's copy,
   otherwise the copy is overwritten. A step never overwrites a chunk at a rank
