@@ -95,8 +95,11 @@ class CollectiveRunner:
         *,
         root: int = 0,
         on_rank_done: Callable[[int], None],
-    ) -> None:
-        """Start a collective now; ``on_rank_done(i)`` fires as member ``i`` finishes."""
+    ):
+        """Start a collective now; ``on_rank_done(i)`` fires as member ``i`` finishes.
+
+        Returns its step schedule (``bytes_sent()`` gives each member's traffic).
+        """
         if op not in ALGORITHMS:
             raise ValueError(f"collective op must be one of {tuple(ALGORITHMS)}, got {op!r}")
         if algorithm not in ALGORITHMS[op]:
@@ -108,16 +111,17 @@ class CollectiveRunner:
         if sched.num_steps() == 0:
             for i in range(p):
                 on_rank_done(i)
-            return
+            return sched
         bundles = self._bundle(sched, group) if self.model == "auto" else None
         if bundles is not None:
             self._run_chain(bundles, 0, p, on_rank_done)
-            return
+            return sched
         key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = _StepPlan(sched, len(group))
         _SteppedRun(self, plan, group, on_rank_done).begin()
+        return sched
 
     def _run_chain(self, bundles, k, p, on_rank_done) -> None:
         if k == len(bundles):
@@ -317,8 +321,11 @@ def simulate_collective(
     them issue the collective at time zero. The result is when the last member
     finishes.
     """
+    from simulator.cluster import Cluster
     from simulator.units import parse_bytes
 
+    if not isinstance(cluster, Cluster):
+        raise ValueError(f"cluster must be a Cluster (e.g. Cluster.homogeneous(...)), got {type(cluster).__name__}")
     nbytes = parse_bytes(nbytes, "nbytes")  # a number of bytes, or a string like "256MB"
     if ranks is not None and (isinstance(ranks, str) or not hasattr(ranks, "__iter__")):
         raise ValueError(f"ranks must be a sequence of ranks, got {ranks!r}")

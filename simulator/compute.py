@@ -221,13 +221,12 @@ class ComputeTimer:
 
     def _sums(self, device, samples: int):
         key = (id(device), samples)
-        sums = self._prefix.get(key)
-        if sums is None:
+        entry = self._prefix.get(key)
+        if entry is None:
             fwd, bwd = layer_times(self.workload, device, self.precision, samples)
             sums = (np.concatenate(([0.0], np.cumsum(fwd))), np.concatenate(([0.0], np.cumsum(bwd))))
-            self._prefix[key] = (device, sums)  # keep device alive so id() stays unique
-            return sums
-        return sums[1]
+            entry = self._prefix[key] = (device, sums)  # holds device, so its id() stays unique
+        return entry[1]
 
     def base_time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0) -> float:
         """Noise-free seconds of a compute op on ``rank``'s device."""

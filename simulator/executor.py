@@ -286,20 +286,12 @@ class _Simulation:
         del self._instances[(inst.gid, inst.seq)]
         inst.start = self.env.now
         op = inst.op
-        self.collectives.start(
+        sched = self.collectives.start(
             op.op, op.algorithm, inst.group, op.tensor.nbytes, root=op.root,
             on_rank_done=lambda i: self._member_done(inst, i),
         )
-        self._count_bytes(inst)
-
-    def _count_bytes(self, inst: _Instance) -> None:
-        from simulator.collectives import _schedule
-
-        op = inst.op
-        node_of = tuple(self.cluster.node_of(r) for r in inst.group)
-        sent = _schedule(op.op, op.algorithm, len(inst.group), float(op.tensor.nbytes), op.root, node_of).bytes_sent()
-        for local, rank in enumerate(inst.group):
-            self.bytes_sent[rank] += float(sent[local])
+        for local, sent in enumerate(sched.bytes_sent()):
+            self.bytes_sent[inst.group[local]] += float(sent)
 
     def _member_done(self, inst: _Instance, local: int) -> None:
         rank = inst.group[local]

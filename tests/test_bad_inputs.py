@@ -63,5 +63,7 @@ def test_python_api_arguments():
         cluster, "all_reduce", 1e6, algorithm="ring")
     with pytest.raises(ValueError, match="ranks"):
         simulate_collective(cluster, "all_reduce", 1e6, algorithm="ring", ranks=3)
+    with pytest.raises(ValueError, match="cluster must be a Cluster"):
+        simulate_collective({"nodes": 2}, "all_reduce", 1e6, algorithm="ring")
     exp = Experiment(workload=WORKLOAD, cluster=cluster, strategy=AllReduceSGD(), compute={"noise_cv": 0.1})
     assert exp.compute == ComputeModel(noise_cv=0.1)
