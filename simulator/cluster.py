@@ -39,6 +39,20 @@ the catalogue figures:
   leaf modulo ``spines``: static, deterministic routing in which a leaf's NICs
   spread over its uplinks, so permutation traffic does not collide on them.
 
+Host processes
+--------------
+``hosts`` adds CPU processes with ranks of their own after the GPU ranks
+(rank ``nodes * gpus_per_node + j`` is ``hosts[j]``): parameter servers, for
+instance. A host on a GPU node (``node < nodes``) shares that node's NICs
+(NIC ``(gpus_per_node + j') % nics_per_node`` for the node's ``j'``-th host);
+a host on node ``nodes + d`` lives on a *dedicated* node of its own, with one
+NIC of ``inter`` into the same fabric (dedicated nodes are numbered after the
+GPU nodes and hang off the leaves in that order). Within a node a host is
+reached through its own ``host_up``/``host_down`` links (``host_link``, PCIe to
+host memory by default); with ``intra_kind="pcie"`` a GPU's own PCIe link is on
+that path too. A host's traffic to other nodes goes straight to its NIC (DMA
+from host memory, no modelled link).
+
 Path latencies are summed with ``math.fsum``, so a sum of halves is the exact,
 correctly rounded sum of the catalogue latencies.
 """
@@ -56,7 +70,7 @@ from typing import Any, Literal
 from simulator import units
 from simulator.hardware import Device, LinkSpec, _device_for, _link_for
 
-__all__ = ["Link", "SingleSwitch", "LeafSpine", "Cluster", "INTRA_KINDS"]
+__all__ = ["Link", "SingleSwitch", "LeafSpine", "Host", "Cluster", "INTRA_KINDS"]
 
 INTRA_KINDS: tuple[str, ...] = ("nvlink", "pcie")
 
@@ -123,6 +137,39 @@ class LeafSpine:
 Topology = SingleSwitch | LeafSpine
 
 
+@dataclass(frozen=True, kw_only=True)
+class Host:
+    """A CPU process with a rank of its own (e.g. a parameter server).
+
+    ``node < Cluster.nodes`` puts it on a GPU node, sharing that node's NICs;
+    ``node >= Cluster.nodes`` puts it on a dedicated node of its own.
+    """
+
+    node: int
+    device: Device = "cpu-socket"  # type: ignore[assignment]  # normalised to a Device
+
+    def __post_init__(self) -> None:
+        node = self.node
+        if isinstance(node, bool) or not isinstance(node, numbers.Integral) or node < 0:
+            raise ValueError(f"Host.node must be an integer >= 0, got {node!r}")
+        object.__setattr__(self, "node", int(node))
+        object.__setattr__(self, "device", _device_for(self.device, "Host.device"))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "device": self.device.to_dict()}
+
+
+def _host(spec: Any, field: str) -> Host:
+    if isinstance(spec, Host):
+        return spec
+    if isinstance(spec, Mapping):
+        unknown = sorted(set(spec) - {"node", "device"})
+        if unknown or "node" not in spec:
+            raise ValueError(f"{field} must be a table with node (and optional device), got {dict(spec)!r}")
+        return Host(**spec)
+    raise ValueError(f"{field} must be a Host or a table with node and device, got {spec!r}")
+
+
 def _topology(spec: Any) -> Topology:
     if isinstance(spec, (SingleSwitch, LeafSpine)):
         return spec
@@ -154,8 +201,10 @@ class _Graph:
     links: tuple[Link, ...]
     gpu_up: tuple[int, ...]  # per rank; empty when there are no modelled intra links
     gpu_down: tuple[int, ...]
-    nic_up: tuple[int, ...]  # per node * nics_per_node + nic
-    nic_down: tuple[int, ...]
+    nic_up: tuple[tuple[int, ...], ...]  # per node (dedicated host nodes included), per NIC
+    nic_down: tuple[tuple[int, ...], ...]
+    host_up: tuple[int, ...]  # per host
+    host_down: tuple[int, ...]
     leaf_up: tuple[int, ...]  # per leaf * spines + spine
     leaf_down: tuple[int, ...]
 
@@ -182,7 +231,11 @@ class Cluster:
     topology: SingleSwitch | LeafSpine = SingleSwitch()
     """How the NICs are joined."""
     devices: tuple[Device, ...] | None = None
-    """Optional per-rank devices (heterogeneous clusters), length ``world_size``."""
+    """Optional per-GPU devices (heterogeneous clusters), length ``nodes * gpus_per_node``."""
+    hosts: tuple[Host, ...] = ()
+    """CPU processes with ranks after the GPUs' (see the module docstring)."""
+    host_link: LinkSpec = "pcie4"  # type: ignore[assignment]  # normalised to a LinkSpec
+    """Link between a host process and the GPUs of its node (each direction)."""
 
     def __post_init__(self) -> None:
         def s(name: str, value: Any) -> None:  # frozen: normalise once, at construction
@@ -207,12 +260,22 @@ class Cluster:
         if self.devices is not None:
             if isinstance(self.devices, (str, Mapping)) or not isinstance(self.devices, Sequence):
                 raise ValueError(f"Cluster.devices must be a sequence of devices, got {self.devices!r}")
-            if len(self.devices) != self.world_size:
+            if len(self.devices) != self.num_gpus:
                 raise ValueError(
-                    f"Cluster.devices must have one device per rank (world_size "
-                    f"{self.world_size}), got {len(self.devices)}"
+                    f"Cluster.devices must have one device per GPU (nodes x gpus_per_node = "
+                    f"{self.num_gpus}), got {len(self.devices)}"
                 )
             s("devices", tuple(_device_for(d, f"Cluster.devices[{i}]") for i, d in enumerate(self.devices)))
+        if isinstance(self.hosts, (str, Mapping)) or not isinstance(self.hosts, Sequence):
+            raise ValueError(f"Cluster.hosts must be a sequence of Host, got {self.hosts!r}")
+        s("hosts", tuple(_host(h, f"Cluster.hosts[{i}]") for i, h in enumerate(self.hosts)))
+        extra = sorted({h.node for h in self.hosts if h.node >= self.nodes})
+        if extra != list(range(self.nodes, self.nodes + len(extra))):
+            raise ValueError(
+                f"Cluster.hosts: dedicated host nodes must be numbered {self.nodes}, {self.nodes + 1}, ... "
+                f"without gaps (the GPU nodes are 0..{self.nodes - 1}), got nodes {extra}"
+            )
+        s("host_link", _link_for(self.host_link, "Cluster.host_link"))
 
     @classmethod
     def homogeneous(
@@ -257,8 +320,26 @@ class Cluster:
     # ------------------------------------------------------------------ ranks
 
     @property
-    def world_size(self) -> int:
+    def num_gpus(self) -> int:
+        """GPU ranks, ``0 .. num_gpus - 1``; host ranks follow."""
         return self.nodes * self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        """All ranks: GPUs, then hosts."""
+        return self.nodes * self.gpus_per_node + len(self.hosts)
+
+    @property
+    def total_nodes(self) -> int:
+        """GPU nodes plus dedicated host nodes."""
+        return max([self.nodes] + [h.node + 1 for h in self.hosts])
+
+    def is_host(self, rank: int) -> bool:
+        return self._check_rank(rank) >= self.num_gpus
+
+    def with_hosts(self, hosts: Sequence[Host]) -> Cluster:
+        """This cluster with ``hosts`` (replacing any it had)."""
+        return dataclasses.replace(self, hosts=tuple(hosts))
 
     def _check_rank(self, rank: Any, field: str = "rank") -> int:
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < self.world_size:
@@ -266,21 +347,39 @@ class Cluster:
         return int(rank)
 
     def node_of(self, rank: int) -> int:
-        return self._check_rank(rank) // self.gpus_per_node
+        rank = self._check_rank(rank)
+        if rank >= self.num_gpus:
+            return self.hosts[rank - self.num_gpus].node
+        return rank // self.gpus_per_node
 
     def local_rank(self, rank: int) -> int:
-        """Index of ``rank``'s GPU within its node."""
-        return self._check_rank(rank) % self.gpus_per_node
+        """Index of ``rank`` within its node (a node's hosts come after its GPUs)."""
+        rank = self._check_rank(rank)
+        if rank < self.num_gpus:
+            return rank % self.gpus_per_node
+        node = self.node_of(rank)
+        return self.node_ranks(node).index(rank)
 
-    def node_ranks(self, node: int) -> range:
-        """The ranks on ``node``."""
-        if isinstance(node, bool) or not isinstance(node, numbers.Integral) or not 0 <= node < self.nodes:
-            raise ValueError(f"node must be in [0, {self.nodes}), got {node!r}")
-        return range(node * self.gpus_per_node, (node + 1) * self.gpus_per_node)
+    def node_ranks(self, node: int) -> list[int]:
+        """The ranks on ``node``: its GPUs, then its hosts."""
+        total = self.total_nodes
+        if isinstance(node, bool) or not isinstance(node, numbers.Integral) or not 0 <= node < total:
+            raise ValueError(f"node must be in [0, {total}), got {node!r}")
+        gpus = list(range(node * self.gpus_per_node, (node + 1) * self.gpus_per_node)) if node < self.nodes else []
+        return gpus + [self.num_gpus + j for j, h in enumerate(self.hosts) if h.node == node]
 
     def device_of(self, rank: int) -> Device:
         rank = self._check_rank(rank)
+        if rank >= self.num_gpus:
+            return self.hosts[rank - self.num_gpus].device
         return self.device if self.devices is None else self.devices[rank]
+
+    def _nic_of(self, rank: int) -> tuple[int, int]:
+        """(node, NIC index within the node) that ``rank``'s inter-node traffic uses."""
+        node = self.node_of(rank)
+        if node >= self.nodes:
+            return node, 0
+        return node, self.local_rank(rank) % self.nics_per_node
 
     # ------------------------------------------------------------------ graph
 
@@ -298,18 +397,28 @@ class Cluster:
         has_intra = self.intra_kind == "pcie" or self.gpus_per_node > 1
         tag = "nvl" if self.intra_kind == "nvlink" else "pcie"
         gpu_up, gpu_down, nic_up, nic_down = [], [], [], []
-        for n in range(self.nodes):
-            if has_intra:
+        host_up: list[int] = [-1] * len(self.hosts)
+        host_down: list[int] = [-1] * len(self.hosts)
+        host_bw, host_half = self.host_link.bandwidth, self.host_link.latency / 2
+        for n in range(self.total_nodes):
+            if n < self.nodes and has_intra:
                 for g in range(self.gpus_per_node):
                     gpu_up.append(add(f"node{n}.gpu{g}.{tag}_up", intra_bw, intra_half))
                     gpu_down.append(add(f"node{n}.gpu{g}.{tag}_down", intra_bw, intra_half))
-            for k in range(self.nics_per_node):
-                nic_up.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half))
-                nic_down.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half))
+            for j, h in enumerate(self.hosts):
+                if h.node == n:
+                    host_up[j] = add(f"node{n}.host{j}.up", host_bw, host_half)
+                    host_down[j] = add(f"node{n}.host{j}.down", host_bw, host_half)
+            ups, downs = [], []
+            for k in range(self.nics_per_node if n < self.nodes else 1):
+                ups.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half))
+                downs.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half))
+            nic_up.append(tuple(ups))
+            nic_down.append(tuple(downs))
         leaf_up, leaf_down = [], []
         topo = self.topology
         if isinstance(topo, LeafSpine):
-            leaves = -(-self.nodes // topo.nodes_per_leaf)
+            leaves = -(-self.total_nodes // topo.nodes_per_leaf)
             aggregate = topo.nodes_per_leaf * self.nics_per_node * inter_bw
             per_spine = aggregate / topo.oversubscription / topo.spines
             for leaf in range(leaves):
@@ -317,7 +426,7 @@ class Cluster:
                     leaf_up.append(add(f"leaf{leaf}->spine{sp}", per_spine, topo.hop_latency))
                     leaf_down.append(add(f"spine{sp}->leaf{leaf}", per_spine, topo.hop_latency))
         return _Graph(tuple(links), tuple(gpu_up), tuple(gpu_down), tuple(nic_up),
-                      tuple(nic_down), tuple(leaf_up), tuple(leaf_down))
+                      tuple(nic_down), tuple(host_up), tuple(host_down), tuple(leaf_up), tuple(leaf_down))
 
     @property
     def links(self) -> tuple[Link, ...]:
@@ -351,27 +460,37 @@ class Cluster:
         if src == dst:
             raise ValueError(f"route needs two different ranks, got src == dst == {src}")
         g = self._graph
-        src_node, dst_node = src // self.gpus_per_node, dst // self.gpus_per_node
-        if src_node == dst_node:
-            return (g.gpu_up[src], g.gpu_down[dst])
+        gpus = self.num_gpus
         pcie = self.intra_kind == "pcie"
-        nics = self.nics_per_node
-        src_nic = src_node * nics + (src % self.gpus_per_node) % nics
-        dst_nic = dst_node * nics + (dst % self.gpus_per_node) % nics
-        path = [g.gpu_up[src]] if pcie else []
-        path.append(g.nic_up[src_nic])
+        src_node, dst_node = self.node_of(src), self.node_of(dst)
+        if src_node == dst_node:
+            if src < gpus and dst < gpus:
+                return (g.gpu_up[src], g.gpu_down[dst])
+            path = []
+            if src >= gpus:
+                path.append(g.host_up[src - gpus])
+            elif pcie:
+                path.append(g.gpu_up[src])
+            if dst >= gpus:
+                path.append(g.host_down[dst - gpus])
+            elif pcie:
+                path.append(g.gpu_down[dst])
+            return tuple(path)
+        (_, src_k), (_, dst_k) = self._nic_of(src), self._nic_of(dst)
+        path = [g.gpu_up[src]] if pcie and src < gpus else []
+        path.append(g.nic_up[src_node][src_k])
         topo = self.topology
         if isinstance(topo, LeafSpine):
             src_leaf, dst_leaf = src_node // topo.nodes_per_leaf, dst_node // topo.nodes_per_leaf
             if src_leaf != dst_leaf:
                 # The source NIC's slot in its leaf picks the spine: distinct NICs of a leaf use
                 # distinct uplinks (a sum of ranks collided for every power-of-two partner).
-                slot = (src_node % topo.nodes_per_leaf) * nics + (src % self.gpus_per_node) % nics
+                slot = (src_node % topo.nodes_per_leaf) * self.nics_per_node + src_k
                 spine = slot % topo.spines
                 path.append(g.leaf_up[src_leaf * topo.spines + spine])
                 path.append(g.leaf_down[dst_leaf * topo.spines + spine])
-        path.append(g.nic_down[dst_nic])
-        if pcie:
+        path.append(g.nic_down[dst_node][dst_k])
+        if pcie and dst < gpus:
             path.append(g.gpu_down[dst])
         return tuple(path)
 
@@ -397,6 +516,8 @@ class Cluster:
             "nics_per_node": self.nics_per_node,
             "topology": self.topology.to_dict(),
             "devices": None if self.devices is None else [d.to_dict() for d in self.devices],
+            "hosts": [h.to_dict() for h in self.hosts],
+            "host_link": self.host_link.to_dict(),
         }
 
     @classmethod

@@ -8,9 +8,10 @@ and weight gradients, and reads the saved input and the output gradient, and
 writes the input gradient. The optimizer step is memory-bound: it streams the
 fp32 parameters, gradients and optimizer state.
 
-Noise multiplies each op's time by a draw with mean 1 and the given
-coefficient of variation (lognormal, from the experiment's seeded generator);
-stragglers multiply every op of a rank by a fixed slowdown.
+Noise multiplies each op's time (or, with ``scope="iteration"``, every op of
+a rank's iteration alike) by a draw with mean 1 from the chosen distribution
+(from the experiment's seeded generators); stragglers multiply every op of a
+rank by a fixed slowdown, and transient slowdowns do so for a window of time.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ OPTIMIZERS: Mapping[str, OptimizerCost] = MappingProxyType({
 
 
 DISTRIBUTIONS = ("lognormal", "normal", "exponential", "deterministic")
+SCOPES = ("op", "iteration")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,15 +82,24 @@ class ComputeModel:
 
     Each compute op's time is its model time times a draw with mean 1 from
     ``distribution``: ``lognormal`` or ``normal`` (truncated at zero) with
-    coefficient of variation ``noise_cv``; ``exponential`` (coefficient of
-    variation 1: an op of model time ``t`` takes an exponential time of rate
-    ``1/t``, as in straggler analyses); ``deterministic``. Draws come from one
-    generator per rank, made from the experiment's seed.
+    coefficient of variation ``noise_cv``; ``exponential``: an op of model
+    time ``t`` takes ``shift * t`` plus an exponential time of mean
+    ``(1 - shift) * t`` (``shift = 0``: exponential of rate ``1/t``, the
+    straggler analyses' model; ``shift > 0``: the shifted exponential of
+    Dutta et al., AISTATS 2018); ``deterministic``. With ``scope="iteration"``
+    one draw covers all the compute ops of a rank's iteration, so a worker's
+    iteration time has the distribution itself (the form K-of-N analyses
+    assume); with ``scope="op"`` each op draws. Draws come from one generator
+    per rank, made from the experiment's seed.
     """
 
     distribution: str = "lognormal"
     noise_cv: float = 0.0
     """Coefficient of variation for ``lognormal``/``normal`` (0 = no noise); unused otherwise."""
+    scope: str = "op"
+    """``op``: a draw per compute op; ``iteration``: one draw per rank per iteration."""
+    shift: float = 0.0
+    """For ``exponential``: the deterministic share of the mean, in [0, 1)."""
     stragglers: Mapping[int, float] = field(default_factory=dict)
     """Rank -> slowdown factor (2.0 = every op of that rank takes twice as long)."""
     slowdowns: tuple[Slowdown, ...] = ()
@@ -99,6 +110,10 @@ class ComputeModel:
             raise ValueError(f"compute.distribution must be one of {DISTRIBUTIONS}, got {self.distribution!r}")
         if isinstance(self.noise_cv, bool) or not (isinstance(self.noise_cv, int | float) and 0 <= self.noise_cv < 10):
             raise ValueError(f"compute.noise_cv must be a number in [0, 10), got {self.noise_cv!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"compute.scope must be one of {SCOPES}, got {self.scope!r}")
+        if isinstance(self.shift, bool) or not (isinstance(self.shift, int | float) and 0 <= self.shift < 1):
+            raise ValueError(f"compute.shift must be a number in [0, 1), got {self.shift!r}")
         if not isinstance(self.stragglers, Mapping):
             raise ValueError(f"compute.stragglers must be a table of rank -> slowdown factor, got {self.stragglers!r}")
         if isinstance(self.slowdowns, str | Mapping) or not isinstance(self.slowdowns, tuple | list):
@@ -134,6 +149,8 @@ class ComputeModel:
         return {
             "distribution": self.distribution,
             "noise_cv": self.noise_cv,
+            "scope": self.scope,
+            "shift": self.shift,
             "stragglers": {str(k): v for k, v in self.stragglers.items()},
             "slowdowns": [dataclasses.asdict(w) for w in self.slowdowns],
         }
@@ -141,7 +158,7 @@ class ComputeModel:
     def factor(self, rng: np.random.Generator) -> float:
         """One multiplicative draw with mean 1."""
         if self.distribution == "exponential":
-            return rng.exponential(1.0)
+            return self.shift + (1.0 - self.shift) * rng.exponential(1.0)
         cv = self.noise_cv
         if cv == 0 or self.distribution == "deterministic":
             return 1.0
@@ -218,6 +235,8 @@ class ComputeTimer:
         self._noisy = model.distribution == "exponential" or (
             model.distribution != "deterministic" and model.noise_cv > 0
         )
+        self._per_iteration = model.scope == "iteration"
+        self._drawn: dict[int, tuple[int, float]] = {}  # rank -> (iteration, its draw)
 
     def _sums(self, device, samples: int):
         key = (id(device), samples)
@@ -240,10 +259,24 @@ class ComputeTimer:
         sums = fwd if kind == "forward" else bwd
         return float(sums[b] - sums[a])
 
+    def apply_time(self, rank: int, elements: float, gradients: int, kernels: int = 1) -> float:
+        """Noise-free seconds for a parameter-shard owner to apply ``gradients`` received
+        gradients to ``elements`` fp32 parameters: summing them (streaming ``gradients + 1``
+        buffers through memory when there is more than one), then the optimizer step."""
+        device = self.devices[rank]
+        t = optimizer_time(elements, device, self.optimizer, kernels=kernels) if elements else 0.0
+        if gradients > 1 and elements:
+            t += 4 * (gradients + 1) * elements / (device.mem_bandwidth * device.memory_efficiency)
+            t += device.kernel_overhead * (gradients - 1)
+        return t
+
     def time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0,
-             *, now: float = 0.0) -> float:
+             *, now: float = 0.0, iteration: int = -1) -> float:
         """Seconds a compute op that ``rank`` starts at ``now`` takes, noise and slowdowns included."""
-        t = self.base_time(rank, kind, span, samples, fraction)
+        return self.scale(rank, self.base_time(rank, kind, span, samples, fraction), now=now, iteration=iteration)
+
+    def scale(self, rank: int, t: float, *, now: float = 0.0, iteration: int = -1) -> float:
+        """``t`` model seconds on ``rank`` with its straggler factor, slowdowns and noise."""
         model = self.model
         slowdown = model.stragglers.get(rank)
         if slowdown is not None:
@@ -252,5 +285,11 @@ class ComputeTimer:
             if window.rank == rank and window.start <= now < window.end:
                 t *= window.factor
         if self._noisy:
-            t *= model.factor(self.rngs[rank])
+            if self._per_iteration and iteration >= 0:
+                drawn = self._drawn.get(rank)
+                if drawn is None or drawn[0] != iteration:
+                    drawn = self._drawn[rank] = (iteration, model.factor(self.rngs[rank]))
+                t *= drawn[1]
+            else:
+                t *= model.factor(self.rngs[rank])
         return t

@@ -7,7 +7,9 @@ a collective starts once every member has reached it on its own stream, then
 its step schedule runs on the flow-level network; ``async_op`` returns a
 handle at once and ``Wait`` blocks on it. Point-to-point sends are flows that
 deliver a message to the receiver's mailbox; ``Recv`` matches source and tag,
-``RecvAny`` takes the first message with the tag.
+``RecvAny`` takes the first message with the tag. ``Apply`` charges a
+shard update on the owner's device, counts the shard's version and records
+the staleness of every gradient in it.
 
 Everything a run needs lives in one :class:`_Simulation`: its own
 environment, random generator, network and records. Nothing is global.
@@ -15,6 +17,7 @@ environment, random generator, network and records. Nothing is global.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
 from collections import deque
@@ -26,8 +29,9 @@ from simulator.collectives import CollectiveRunner
 from simulator.compute import ComputeTimer
 from simulator.network import Network
 from simulator.results import RunResult, build_result
-from strategies.context import Job, RankContext
+from strategies.context import RankContext
 from strategies.ops import (
+    Apply,
     Backward,
     Collective,
     Forward,
@@ -75,8 +79,8 @@ class _Simulation:
         self.exp = experiment
         self.env = env = simpy.Environment()
         # Independent streams per rank, all from the experiment's seed.
-        self.rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(experiment.seed).spawn(experiment.cluster.world_size)]
-        cluster = experiment.cluster
+        cluster = experiment.run_cluster
+        self.rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(experiment.seed).spawn(cluster.world_size)]
         self.cluster = cluster
         self.world = world = cluster.world_size
         self.network = Network(env, [link.bandwidth for link in cluster.links])
@@ -86,17 +90,13 @@ class _Simulation:
             experiment.workload, self.devices, experiment.precision, experiment.optimizer,
             experiment.compute, self.rngs,
         )
-        self.job = Job(
-            world_size=world,
-            iterations=experiment.iterations,
-            batch_size=experiment.batch_size,
-            layer_params=tuple(layer.params for layer in experiment.workload.layers),
-            node_of=tuple(cluster.node_of(r) for r in range(world)),
-        )
+        self.job = experiment.job()
         self.everyone = tuple(range(world))
         # records
         self.spans: list[tuple] = []  # (rank, stream, name, start, end, iteration)
         self.iteration_rows: list[tuple] = []
+        self.update_rows: list[tuple] = []
+        self._versions: dict[int, int] = {}  # shard -> updates applied
         self.bytes_sent = [0.0] * world
         self.ops_done = 0
         # per-rank state
@@ -104,6 +104,7 @@ class _Simulation:
         self._it_start = [0.0] * world
         self._compute_acc = [0.0] * world
         self._comm_acc = [0.0] * world
+        self._samples_acc = [0] * world
         self._comm_tail: list[simpy.Event | None] = [None] * world
         self._coll_seq: dict[tuple[int, int], int] = {}
         self._group_ids: dict[tuple[int, ...], int] = {}
@@ -148,21 +149,22 @@ class _Simulation:
         """Rank 0's iteration time alone: forward, backward and step, no communication."""
         return self._alone_time(0)
 
-    def _alone_time(self, rank: int) -> float:
+    def _alone_time(self, rank: int, samples: int | None = None) -> float:
         n = len(self.exp.workload.layers)
-        b = self.exp.batch_size
+        b = self.job.samples(rank) if samples is None else samples
         t = self.timer
         return float(sum(t.base_time(rank, k, (0, n), b) for k in ("forward", "backward", "optimizer_step")))
 
     def _ideal_throughput(self) -> float:
-        """Samples/s if every rank trained alone at its own device's speed, without communication."""
-        times: dict[int, float] = {}
+        """Samples/s if every GPU rank trained its shard alone at its device's speed, without communication."""
+        times: dict[tuple[int, int], float] = {}
         total = 0.0
-        for rank, device in enumerate(self.devices):
-            key = id(device)
+        for rank in range(self.job.accelerators):
+            b = self.job.samples(rank)
+            key = (id(self.devices[rank]), b)
             if key not in times:
-                times[key] = self._alone_time(rank)
-            total += self.exp.batch_size / times[key]
+                times[key] = self._alone_time(rank, b)
+            total += b / times[key]
         return total
 
     def _iteration_hook(self, rank: int):
@@ -173,11 +175,13 @@ class _Simulation:
                 self._it_start[rank] = now
                 self._compute_acc[rank] = 0.0
                 self._comm_acc[rank] = 0.0
+                self._samples_acc[rank] = 0
             else:
                 start = self._it_start[rank]
                 compute = self._compute_acc[rank]
                 self.iteration_rows.append(
-                    (rank, i, start, now, now - start, compute, self._comm_acc[rank], now - start - compute)
+                    (rank, i, start, now, now - start, compute, self._comm_acc[rank], now - start - compute,
+                     self._samples_acc[rank])
                 )
 
         return hook
@@ -200,16 +204,35 @@ class _Simulation:
             value = None
             kind = _COMPUTE_KIND.get(type(op))
             if kind is not None:
+                it = self._iteration[rank]
                 if kind == "optimizer_step":
-                    dur = timer.time(rank, kind, op.layers, 0, op.fraction, now=env.now)
+                    dur = timer.time(rank, kind, op.layers, 0, op.fraction, now=env.now, iteration=it)
                     name = kind
+                    cancel = ()
                 else:
-                    dur = timer.time(rank, kind, op.segment, op.samples, now=env.now)
+                    dur = timer.time(rank, kind, op.segment, op.samples, now=env.now, iteration=it)
                     name = f"{kind}[{op.segment[0]}:{op.segment[1]}]"
+                    cancel = op.cancel_on
                 start = env.now
-                yield env.timeout(dur)
-                spans.append((rank, "compute", name, start, env.now, self._iteration[rank]))
-                self._compute_acc[rank] += dur
+                if cancel:
+                    events = [self._handle_event(rank, h) for h in cancel]
+                    if any(e.triggered for e in events):
+                        value = False  # abandoned before it began
+                        continue
+                    timeout = env.timeout(dur)
+                    yield env.any_of([timeout, *events])
+                    value = timeout.processed or env.now >= start + dur
+                    if not value:
+                        name += " (cancelled)"
+                else:
+                    yield env.timeout(dur)
+                    value = True
+                spans.append((rank, "compute", name, start, env.now, it))
+                self._compute_acc[rank] += env.now - start
+                if value and kind == "forward" and op.segment[0] == 0:
+                    self._samples_acc[rank] += op.samples
+            elif type(op) is Apply:
+                value = yield from self._apply(rank, op)
             elif type(op) is Collective:
                 handle = self._collective(rank, op)
                 if op.async_op:
@@ -217,9 +240,7 @@ class _Simulation:
                 else:
                     yield handle.event
             elif type(op) is Wait:
-                if not isinstance(op.handle, Handle):
-                    raise RuntimeError(f"rank {rank} waited on {op.handle!r}, which no async op returned")
-                yield op.handle.event
+                value = yield self._handle_event(rank, op.handle)
             elif type(op) is Send:
                 handle = self._send(rank, op)
                 if op.async_op:
@@ -234,6 +255,46 @@ class _Simulation:
                     value = yield event
             else:
                 raise RuntimeError(f"rank {rank} yielded {op!r}, which is not an op of strategies.ops")
+
+    @staticmethod
+    def _handle_event(rank: int, handle) -> simpy.Event:
+        if not isinstance(handle, Handle):
+            raise RuntimeError(f"rank {rank} waited on {handle!r}, which no async op returned")
+        return handle.event
+
+    # bookkeeping
+    def _apply(self, rank: int, op: Apply):
+        env = self.env
+        tensor = op.tensor
+        elements = tensor.num_elements
+        if elements is None:
+            elements = tensor.nbytes / 4
+        layers = tensor.layers
+        kernels = max(1, layers[1] - layers[0]) if layers else 1
+        start = env.now
+        if op.grads:
+            base = self.timer.apply_time(rank, elements, len(op.grads), kernels)
+            dur = self.timer.scale(rank, base, now=start)
+            yield env.timeout(dur)
+            self.spans.append((rank, "compute", f"apply[shard {op.shard}]", start, env.now, self._iteration[rank]))
+        version = self._versions.get(op.shard, 0)
+        now = env.now
+        for applied, messages in ((True, op.grads), (False, op.dropped)):
+            for m in messages:
+                read = m.get("version")
+                if read is None:
+                    raise RuntimeError(
+                        f"rank {rank} applied a gradient from rank {m.src} whose meta has no 'version' "
+                        "(the shard version its sender read); staleness needs it"
+                    )
+                self.update_rows.append((
+                    m.src, rank, op.shard, int(m.get("clock", -1)), int(m.get("samples", 0)), int(read),
+                    version, version - int(read), float(m.get("read_time", float("nan"))), now, applied,
+                ))
+        if op.grads:
+            version += 1
+            self._versions[op.shard] = version
+        return version
 
     # collectives
     def _group_id(self, group: tuple[int, ...] | None) -> int:
@@ -311,13 +372,13 @@ class _Simulation:
             cluster.route(rank, op.dst), op.tensor.nbytes, cluster.path_latency(rank, op.dst)
         )
         self.bytes_sent[rank] += op.tensor.nbytes
-        message = Message(rank, op.tensor, op.tag)
 
         def delivered(_e):
-            self.spans.append((rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, self.env.now,
+            now = self.env.now
+            self.spans.append((rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, now,
                                self._iteration[rank]))
-            self._comm_acc[rank] += self.env.now - start
-            self._deliver(op.dst, message)
+            self._comm_acc[rank] += now - start
+            self._deliver(op.dst, Message(rank, op.tensor, op.tag, op.meta, now))
 
         done.callbacks.append(delivered)
         return Handle(done, op)
@@ -337,7 +398,7 @@ class _Simulation:
         for i, message in enumerate(box):
             if message.tag == op.tag and (src is None or message.src == src):
                 del box[i]
-                event.succeed(message)
+                event.succeed(dataclasses.replace(message, time=self.env.now))  # read now, not on arrival
                 return event
         self._waiting[rank].append((src, op.tag, event))
         return event

@@ -49,8 +49,9 @@ class Experiment:
     cluster: Cluster
     strategy: Any
     """A strategy from ``strategies`` (e.g. ``AllReduceSGD()``)."""
-    batch_size: int = 32
-    """Samples per rank per iteration."""
+    batch_size: int | tuple[int, ...] = 32
+    """Samples per worker (GPU rank) per iteration; a list gives each GPU rank its
+    own (uneven data shards, e.g. ``strategies.split_batch(512, speeds)``)."""
     iterations: int = 10
     seed: int = 0
     precision: str = "fp32"
@@ -75,8 +76,20 @@ class Experiment:
                 f"Experiment.strategy must be a strategy (one of {[c.__name__ for c in STRATEGIES.values()]}, "
                 f"or your own object with programs(job) and to_dict()), got {type(self.strategy).__name__}"
             )
+        if isinstance(self.batch_size, list | tuple):
+            sizes = tuple(self.batch_size)
+            if len(sizes) != self.cluster.num_gpus or any(
+                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in sizes
+            ):
+                raise ValueError(
+                    f"Experiment.batch_size as a list must hold {self.cluster.num_gpus} integers >= 1 "
+                    f"(one per GPU rank), got {list(sizes)!r}"
+                )
+            object.__setattr__(self, "batch_size", sizes)
         for name in ("batch_size", "iterations"):
             value = getattr(self, name)
+            if name == "batch_size" and isinstance(value, tuple):
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Experiment.{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.name, str):
@@ -85,7 +98,8 @@ class Experiment:
             raise ValueError(f"Experiment.seed must be an integer >= 0, got {self.seed!r}")
         if not isinstance(self.precision, str) or self.precision not in PRECISION_BYTES:
             raise ValueError(f"Experiment.precision must be one of {tuple(PRECISION_BYTES)}, got {self.precision!r}")
-        for rank in range(self.cluster.world_size if self.cluster.devices is not None else 1):
+        # Host processes (parameter servers) run optimizer maths in fp32 whatever the precision.
+        for rank in range(self.cluster.num_gpus if self.cluster.devices is not None else 1):
             device = self.cluster.device_of(rank)
             if self.precision not in device.peak_flops:  # the device must have this dtype
                 raise ValueError(
@@ -98,7 +112,15 @@ class Experiment:
             raise ValueError(
                 f"Experiment.collective_model must be one of {COLLECTIVE_MODELS}, got {self.collective_model!r}"
             )
-        world = self.cluster.world_size
+        layout = getattr(self.strategy, "layout", None)
+        run_cluster = layout(self.cluster) if callable(layout) else self.cluster
+        if not isinstance(run_cluster, Cluster):
+            raise ValueError(f"strategy.layout must return a Cluster, got {type(run_cluster).__name__}")
+        object.__setattr__(self, "_run_cluster", run_cluster)
+        check = getattr(self.strategy, "check", None)
+        if callable(check):
+            check(self.job())
+        world = run_cluster.world_size
         for window in self.compute.slowdowns:
             if window.rank >= world:
                 raise ValueError(f"compute.slowdowns names rank {window.rank}, but the cluster has ranks 0..{world - 1}")
@@ -108,7 +130,36 @@ class Experiment:
 
     @property
     def world_size(self) -> int:
-        return self.cluster.world_size
+        """Ranks of the run: the cluster's GPUs and any host processes the strategy adds."""
+        return self.run_cluster.world_size
+
+    @property
+    def run_cluster(self) -> Cluster:
+        """The cluster the run uses: ``cluster`` plus the host processes (parameter
+        servers) the strategy places with ``layout(cluster)``, if it has one."""
+        return self._run_cluster  # set in __post_init__
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        """Samples per iteration of each GPU rank."""
+        b = self.batch_size
+        return b if isinstance(b, tuple) else (b,) * self.cluster.num_gpus
+
+    def job(self):
+        """The :class:`strategies.Job` role programs see."""
+        from strategies.context import Job
+
+        cluster = self.run_cluster
+        sizes = self.batch_sizes
+        return Job(
+            world_size=cluster.world_size,
+            iterations=self.iterations,
+            batch_size=sizes[0],
+            layer_params=tuple(layer.params for layer in self.workload.layers),
+            node_of=tuple(cluster.node_of(r) for r in range(cluster.world_size)),
+            accelerators=cluster.num_gpus,
+            batch_sizes=sizes,
+        )
 
     def replace(self, **changes) -> Experiment:
         return dataclasses.replace(self, **changes)
@@ -117,7 +168,7 @@ class Experiment:
     def to_dict(self) -> dict:
         return {
             "name": self.name,
-            "batch_size": self.batch_size,
+            "batch_size": list(self.batch_size) if isinstance(self.batch_size, tuple) else self.batch_size,
             "iterations": self.iterations,
             "seed": self.seed,
             "precision": self.precision,

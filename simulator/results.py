@@ -12,9 +12,14 @@ schema:
   link (rank -1)
 * ``links``: link, name, bandwidth, bytes, busy_time (time carrying at least one
   flow), utilisation (bytes / (bandwidth x makespan))
-* ``updates``: worker, version_read, version_applied, staleness, time (filled
-  by strategies that apply updates one by one, e.g. a parameter server)
-* ``ranks``: rank, node, device, bytes_sent
+* ``updates``: one row per gradient a parameter-shard owner received (filled
+  by strategies with ``Apply``, e.g. a parameter server): worker, server,
+  shard, clock (the worker's iteration), samples, version_read (the shard
+  version the gradient was computed from), version_applied (the version it was
+  applied to), staleness (= version_applied - version_read: updates applied
+  to the shard between the read and this application), read_time, time (of
+  application), applied (False: dropped, e.g. a late backup worker's)
+* ``ranks``: rank, node, device, kind (gpu/host), peak_flops, bytes_sent
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ import pandas as pd
 ITERATION_COLUMNS = ["rank", "iteration", "start", "end", "duration", "compute", "comm", "exposed_comm", "samples"]
 TIMELINE_COLUMNS = ["resource", "rank", "stream", "name", "start", "end", "iteration"]
 LINK_COLUMNS = ["link", "name", "bandwidth", "bytes", "busy_time", "utilisation"]
-UPDATE_COLUMNS = ["worker", "version_read", "version_applied", "staleness", "time"]
+UPDATE_COLUMNS = ["worker", "server", "shard", "clock", "samples", "version_read", "version_applied",
+                  "staleness", "read_time", "time", "applied"]
 
 
 @dataclass
@@ -73,8 +79,7 @@ class RunResult:
 def build_result(sim, stats: dict) -> RunResult:
     """Tables from a finished simulation's records."""
     exp = sim.exp
-    it = pd.DataFrame(sim.iteration_rows, columns=ITERATION_COLUMNS[:-1])
-    it["samples"] = exp.batch_size
+    it = pd.DataFrame(sim.iteration_rows, columns=ITERATION_COLUMNS)
     it = it.sort_values(["iteration", "rank"], kind="stable").reset_index(drop=True)
     cluster = sim.cluster
     net = sim.network
@@ -108,6 +113,7 @@ def build_result(sim, stats: dict) -> RunResult:
         "rank": np.arange(sim.world),
         "node": [cluster.node_of(r) for r in range(sim.world)],
         "device": [d.name for d in sim.devices],
+        "kind": ["host" if r >= cluster.num_gpus else "gpu" for r in range(sim.world)],
         "peak_flops": [d.flops(exp.precision) for d in sim.devices],
         "bytes_sent": sim.bytes_sent,
     })
@@ -116,17 +122,21 @@ def build_result(sim, stats: dict) -> RunResult:
     stats.update(
         makespan=makespan,
         world_size=sim.world,
-        batch_size=exp.batch_size,
+        gpus=cluster.num_gpus,
+        batch_size=exp.batch_size if isinstance(exp.batch_size, int) else list(exp.batch_size),
         flops_per_sample=float(workload.fwd_flops + workload.bwd_flops),
         executor="simulator",
         bundles_contended=net.bundles_contended,
     )
+    updates = pd.DataFrame(sim.update_rows, columns=UPDATE_COLUMNS)
+    updates = updates.astype({"applied": bool})
     return RunResult(
         experiment=exp.to_dict(),
         iterations=it,
         timeline=spans,
         links=links,
         ranks=ranks,
+        updates=updates,
         stats=stats,
     )
 
@@ -144,9 +154,12 @@ def summarise(result: RunResult) -> dict:
     throughput = samples / makespan if makespan > 0 else float("nan")
     durations = it["duration"]
     world = st["world_size"]
+    gpus = st.get("gpus", world)
     ideal = st.get("ideal_throughput")
-    compute_busy = it["compute"].sum() / (world * makespan) if makespan > 0 else float("nan")
-    peak = float(result.ranks["peak_flops"].sum())
+    compute_busy = it["compute"].sum() / (gpus * makespan) if makespan > 0 else float("nan")
+    ranks = result.ranks
+    on_gpus = ranks[ranks["kind"] == "gpu"] if "kind" in ranks else ranks
+    peak = float(on_gpus["peak_flops"].sum())
     achieved = samples * st["flops_per_sample"] / makespan if makespan > 0 else float("nan")
     links = result.links
     used = links[links["bytes"] > 0]
@@ -164,20 +177,55 @@ def summarise(result: RunResult) -> dict:
         "scaling_efficiency": throughput / ideal if ideal else float("nan"),
         "compute_utilisation": float(compute_busy),
         "model_flops_utilisation": achieved / peak if peak > 0 else float("nan"),
-        "achieved_flops_per_device": achieved / world if world else float("nan"),
+        "achieved_flops_per_device": achieved / gpus if gpus else float("nan"),
         "network_utilisation": float(used["utilisation"].mean()) if len(used) else 0.0,
         "bytes_on_wire": float(result.ranks["bytes_sent"].sum()),
     }
     up = result.updates
     if len(up):
-        s = up["staleness"]
+        applied = up[up["applied"]]
+        s = applied["staleness"]
+        shards = max(int(up["shard"].nunique()), 1)
         summary.update(
-            staleness_mean=float(s.mean()),
+            updates_applied=len(applied) / shards,
+            updates_dropped=int((~up["applied"]).sum()) / shards,
+            updates_per_second=len(applied) / shards / makespan if makespan > 0 else float("nan"),
+            applied_samples_per_second=float(applied["samples"].sum()) / shards / makespan
+            if makespan > 0 else float("nan"),
+            staleness_mean=float(s.mean()) if len(s) else float("nan"),
             staleness_p50=_quantile(s, 0.5),
             staleness_p99=_quantile(s, 0.99),
-            staleness_max=float(s.max()),
+            staleness_max=float(s.max()) if len(s) else float("nan"),
         )
     return summary
+
+
+def staleness_histogram(result: RunResult) -> pd.DataFrame:
+    """Applied gradients per staleness value: columns staleness, count, fraction."""
+    up = result.updates
+    s = up.loc[up["applied"], "staleness"].astype(int)
+    counts = s.value_counts().sort_index()
+    frame = pd.DataFrame({"staleness": counts.index.to_numpy(), "count": counts.to_numpy()})
+    frame["fraction"] = frame["count"] / max(len(s), 1)
+    return frame
+
+
+def plot_staleness(results, ax=None, *, labels=None):
+    """Staleness distributions (fraction of applied gradients per staleness) of one or more runs."""
+    import matplotlib.pyplot as plt
+
+    if isinstance(results, RunResult):
+        results = [results]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 4))
+    for i, result in enumerate(results):
+        hist = staleness_histogram(result)
+        label = labels[i] if labels else (result.experiment.get("name") or f"run {i}")
+        ax.step(hist["staleness"], hist["fraction"], where="mid", label=label)
+    ax.set_xlabel("staleness (updates between read and apply)")
+    ax.set_ylabel("fraction of applied gradients")
+    ax.legend(fontsize="small")
+    return ax
 
 
 def chrome_trace(result: RunResult) -> dict:

@@ -23,13 +23,18 @@ class Job:
     """The facts about a run that role programs need (sizes, not devices)."""
 
     world_size: int
+    """Every rank: GPU ranks ``0 .. accelerators - 1``, then host processes."""
     iterations: int
     batch_size: int
-    """Samples each rank processes per iteration."""
+    """Samples each worker processes per iteration (unless ``batch_sizes`` says otherwise)."""
     layer_params: tuple[int, ...]
     """Parameter elements of each workload layer, in forward order."""
     node_of: tuple[int, ...]
     """Node index of each rank."""
+    accelerators: int | None = None
+    """GPU ranks (the rest are host processes); ``None`` = every rank."""
+    batch_sizes: tuple[int, ...] | None = None
+    """Samples per iteration of each GPU rank (uneven data shards); ``None`` = ``batch_size`` each."""
 
     def __post_init__(self) -> None:
         for field in ("world_size", "iterations", "batch_size"):
@@ -40,10 +45,36 @@ class Job:
             raise ValueError(
                 f"Job.node_of must have world_size={self.world_size} entries, got {len(self.node_of)}"
             )
+        if self.accelerators is None:
+            object.__setattr__(self, "accelerators", self.world_size)
+        if not 1 <= self.accelerators <= self.world_size:
+            raise ValueError(f"Job.accelerators must be in [1, {self.world_size}], got {self.accelerators!r}")
+        if self.batch_sizes is None:
+            object.__setattr__(self, "batch_sizes", (self.batch_size,) * self.accelerators)
+        if len(self.batch_sizes) != self.accelerators or any(
+            not isinstance(b, int) or b < 1 for b in self.batch_sizes
+        ):
+            raise ValueError(
+                f"Job.batch_sizes must be {self.accelerators} integers >= 1 (one per GPU rank), "
+                f"got {self.batch_sizes!r}"
+            )
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_params)
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(self.layer_params))
+
+    @property
+    def hosts(self) -> range:
+        """Host-process ranks (after the GPU ranks)."""
+        return range(self.accelerators, self.world_size)
+
+    def samples(self, rank: int) -> int:
+        """Samples ``rank`` processes per iteration (0 for a host process)."""
+        return self.batch_sizes[rank] if rank < self.accelerators else 0
 
 
 class RankContext:
@@ -62,29 +93,56 @@ class RankContext:
     def world_size(self) -> int:
         return self.job.world_size
 
-    def iterations(self) -> Iterator[int]:
-        """Iteration indices; tells the executor where each one starts and ends."""
+    def iterations(self, count: int | None = None) -> Iterator[int]:
+        """Iteration indices ``0 .. count - 1`` (``job.iterations`` by default; ``-1`` for
+        no end); tells the executor where each one starts and ends. Leaving the
+        loop with ``break`` ends the current iteration there.
+        """
         hook = self._on_iteration
-        for i in range(self.job.iterations):
+        n = self.job.iterations if count is None else count
+        i = 0
+        while n < 0 or i < n:
             if hook is not None:
                 hook("start", i)
-            yield i
+            try:
+                yield i
+            except GeneratorExit:  # the program broke out of its loop: this iteration ends now
+                if hook is not None:
+                    hook("end", i)
+                raise
             if hook is not None:
                 hook("end", i)
+            i += 1
+
+    @property
+    def samples(self) -> int:
+        """Samples this rank processes per iteration (its data shard's batch)."""
+        return self.job.samples(self.rank)
 
     # compute
-    def forward(self, segment: tuple[int, int], *, samples: int | None = None, micro_batch: int = 0):
-        return ops.Forward(segment, self.job.batch_size if samples is None else samples, micro_batch)
+    @staticmethod
+    def _handles(cancel_on) -> tuple:
+        if cancel_on is None:
+            return ()
+        return tuple(cancel_on) if isinstance(cancel_on, list | tuple) else (cancel_on,)
 
-    def backward(self, segment: tuple[int, int], *, samples: int | None = None, micro_batch: int = 0):
-        return ops.Backward(segment, self.job.batch_size if samples is None else samples, micro_batch)
+    def forward(self, segment: tuple[int, int], *, samples: int | None = None, micro_batch: int = 0,
+                cancel_on=None):
+        return ops.Forward(segment, self.samples if samples is None else samples, micro_batch,
+                           self._handles(cancel_on))
+
+    def backward(self, segment: tuple[int, int], *, samples: int | None = None, micro_batch: int = 0,
+                 cancel_on=None):
+        return ops.Backward(segment, self.samples if samples is None else samples, micro_batch,
+                            self._handles(cancel_on))
 
     def optimizer_step(self, layers: tuple[int, int], *, fraction: float = 1.0):
         return ops.OptimizerStep(layers, fraction)
 
     # point-to-point
-    def send(self, dst: int, tensor: ops.TensorRef, *, tag: int = 0, async_op: bool = False):
-        return ops.Send(dst, tensor, tag, async_op)
+    def send(self, dst: int, tensor: ops.TensorRef, *, tag: int = 0, async_op: bool = False,
+             meta: dict | None = None):
+        return ops.Send(dst, tensor, tag, async_op, meta)
 
     def recv(self, src: int, tensor: ops.TensorRef, *, tag: int = 0, async_op: bool = False):
         return ops.Recv(src, tensor, tag, async_op)
@@ -116,3 +174,8 @@ class RankContext:
 
     def wait(self, handle):
         return ops.Wait(handle)
+
+    # bookkeeping
+    def apply(self, shard: int, tensor: ops.TensorRef, grads, *, dropped=()):
+        """Apply received gradients to a shard this rank owns; answers the new version."""
+        return ops.Apply(shard, tensor, tuple(grads), tuple(dropped))

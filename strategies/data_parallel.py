@@ -29,6 +29,12 @@ def _check_algorithm(op: str, algorithm: str, field: str) -> None:
         raise ValueError(f"{field} must be one of {tuple(allowed)} for {op}, got {algorithm!r}")
 
 
+def idle(ctx: RankContext):
+    """The program of a rank a strategy gives no work (a host process all-reduce does not use)."""
+    return
+    yield
+
+
 @dataclass(frozen=True, kw_only=True)
 class AllReduceSGD:
     """Synchronous data parallel: DDP buckets, all-reduce, optimizer step."""
@@ -69,9 +75,10 @@ class AllReduceSGD:
 
     def programs(self, job: Job) -> list:
         buckets = self.buckets(job)
-        return [self._worker(buckets)] * job.world_size
+        group = None if not job.hosts else tuple(range(job.accelerators))
+        return [self._worker(buckets, group)] * job.accelerators + [idle] * len(job.hosts)
 
-    def _worker(self, buckets: tuple[Bucket, ...]):
+    def _worker(self, buckets: tuple[Bucket, ...], group: tuple[int, ...] | None = None):
         algorithm, overlap = self.algorithm, self.overlap
         tensors = [TensorRef(f"grads[{b.index}]", b.nbytes, "grads", b.layers) for b in buckets]
 
@@ -85,13 +92,13 @@ class AllReduceSGD:
                 for bucket, tensor in zip(buckets, tensors, strict=True):
                     yield ctx.backward(bucket.layers)
                     if overlap:
-                        handles.append((yield ctx.all_reduce(tensor, algorithm=algorithm, async_op=True)))
+                        handles.append((yield ctx.all_reduce(tensor, algorithm=algorithm, group=group, async_op=True)))
                 if overlap:
                     for handle in handles:
                         yield ctx.wait(handle)
                 else:
                     for tensor in tensors:
-                        yield ctx.all_reduce(tensor, algorithm=algorithm)
+                        yield ctx.all_reduce(tensor, algorithm=algorithm, group=group)
                 yield ctx.optimizer_step((0, n))
 
         return worker

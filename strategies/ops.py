@@ -11,6 +11,14 @@ set is small and closed, and the names follow ``torch.distributed``:
   ``all_gather``, ``broadcast``, ``reduce``, ``all_to_all``) with an
   algorithm and an optional async handle
 * synchronisation: :class:`Wait` on a handle an async op returned
+* bookkeeping: :class:`Apply` (a parameter shard's owner applies received
+  gradients: one model update, its version counted and the staleness of every
+  gradient in it recorded)
+
+A compute op may name ``cancel_on`` handles: if one of them completes first,
+the op stops there and answers ``False`` (it answers ``True`` when it ran to
+the end). The simulator stops it at that instant; realrun checks between
+layers. Backup workers use it to abandon an iteration the servers closed.
 
 Ops name *logical* tensors (:class:`TensorRef`): the simulator needs only
 their size; realrun maps ``(role, layers)`` to real tensors.
@@ -18,6 +26,7 @@ their size; realrun maps ``(role, layers)`` to real tensors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,10 +50,19 @@ class TensorRef:
     """Size on the wire, bytes."""
     role: TensorRole = "custom"
     layers: tuple[int, int] | None = None
+    elements: tuple[int, int] | None = None
+    """Half-open range of elements of the model's flattened parameters (all
+    layers, forward order) the tensor holds, when it is a slice of them."""
 
     def __post_init__(self) -> None:
         if not self.nbytes >= 0:
             raise ValueError(f"TensorRef.nbytes must be >= 0, got {self.nbytes!r}")
+        if self.elements is not None and not 0 <= self.elements[0] <= self.elements[1]:
+            raise ValueError(f"TensorRef.elements must be a range (start <= stop), got {self.elements!r}")
+
+    @property
+    def num_elements(self) -> int | None:
+        return None if self.elements is None else self.elements[1] - self.elements[0]
         if self.role not in TENSOR_ROLES:
             raise ValueError(f"TensorRef.role must be one of {TENSOR_ROLES}, got {self.role!r}")
 
@@ -56,6 +74,8 @@ class Forward:
     segment: tuple[int, int]
     samples: int
     micro_batch: int = 0
+    cancel_on: tuple = ()
+    """Handles whose completion abandons the op (see the module docstring)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +85,7 @@ class Backward:
     segment: tuple[int, int]
     samples: int
     micro_batch: int = 0
+    cancel_on: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +105,9 @@ class Send:
     tensor: TensorRef
     tag: int = 0
     async_op: bool = False
+    meta: Mapping[str, float] | None = None
+    """A few named numbers that travel with the tensor (a version, a clock);
+    realrun sends them as a small header."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +131,18 @@ class RecvAny:
 
 @dataclass(frozen=True, slots=True)
 class Message:
+    """A received point-to-point message (what ``Recv``/``RecvAny`` answer)."""
+
     src: int
     tensor: TensorRef
     tag: int
+    meta: Mapping[str, float] | None = None
+    time: float = 0.0
+    """When it was received, on the executor's clock (seconds)."""
+
+    def get(self, key: str, default: float | None = None):
+        """``meta[key]``, or ``default`` if absent."""
+        return default if self.meta is None else self.meta.get(key, default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,5 +169,27 @@ class Wait:
     handle: object
 
 
-Op = Forward | Backward | OptimizerStep | Send | Recv | RecvAny | Collective | Wait
+@dataclass(frozen=True, slots=True)
+class Apply:
+    """Apply gradients to parameter shard ``shard``, which this rank owns: one model update.
+
+    ``grads`` are received gradient messages, summed into one update; each
+    carries in its meta the ``version`` of the shard its sender read (and may
+    carry ``clock``, the sender's iteration, ``read_time``, when it read, and
+    ``samples``). ``dropped`` are gradients discarded unapplied (late backups):
+    recorded, not applied. The executor charges the aggregation and the
+    optimizer step on this rank's device, records one row per gradient in
+    ``RunResult.updates`` (staleness = the shard's version now minus the
+    version read), and answers with the shard's new version. Apply with no
+    ``grads`` only records ``dropped`` and leaves the version unchanged.
+    """
+
+    shard: int
+    tensor: TensorRef
+    """The shard's parameters (its ``elements`` give the optimizer's work)."""
+    grads: tuple[Message, ...]
+    dropped: tuple[Message, ...] = ()
+
+
+Op = Forward | Backward | OptimizerStep | Send | Recv | RecvAny | Collective | Wait | Apply
 COMPUTE_OPS = (Forward, Backward, OptimizerStep)

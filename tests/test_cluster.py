@@ -216,7 +216,7 @@ def test_homogeneous_overrides():
         ({"inter": "1GbE"}, r"^Cluster.inter: unknown link '1GbE'; known links: .*10GbE"),
         ({"intra": "nvlink9"}, r"^Cluster.intra: unknown link 'nvlink9'"),
         ({"intra_kind": "nvswitch"}, r"Cluster.intra_kind must be one of nvlink, pcie, got 'nvswitch'"),
-        ({"devices": ["A100-80GB"] * 3}, "Cluster.devices must have one device per rank .world_size 4., got 3"),
+        ({"devices": ["A100-80GB"] * 3}, "Cluster.devices must have one device per GPU .nodes x gpus_per_node = 4., got 3"),
         ({"topology": "torus"}, "Cluster.topology must be SingleSwitch"),
         ({"topology": {"kind": "leaf_spine", "nodes_per_leaf": 2, "depth": 3}}, "unknown field.s. depth"),
     ],
