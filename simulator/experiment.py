@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from simulator.cluster import Cluster
+from simulator.cluster import Cluster, Host
 from simulator.collectives import COLLECTIVE_MODELS
 from simulator.compute import OPTIMIZERS, PRECISION_BYTES, ComputeModel
 from simulator.workload import Workload
@@ -112,15 +112,11 @@ class Experiment:
             raise ValueError(
                 f"Experiment.collective_model must be one of {COLLECTIVE_MODELS}, got {self.collective_model!r}"
             )
-        layout = getattr(self.strategy, "layout", None)
-        run_cluster = layout(self.cluster) if callable(layout) else self.cluster
-        if not isinstance(run_cluster, Cluster):
-            raise ValueError(f"strategy.layout must return a Cluster, got {type(run_cluster).__name__}")
-        object.__setattr__(self, "_run_cluster", run_cluster)
+        object.__setattr__(self, "_run_cluster", self._place_hosts())
         check = getattr(self.strategy, "check", None)
         if callable(check):
             check(self.job())
-        world = run_cluster.world_size
+        world = self.run_cluster.world_size
         for window in self.compute.slowdowns:
             if window.rank >= world:
                 raise ValueError(f"compute.slowdowns names rank {window.rank}, but the cluster has ranks 0..{world - 1}")
@@ -136,8 +132,22 @@ class Experiment:
     @property
     def run_cluster(self) -> Cluster:
         """The cluster the run uses: ``cluster`` plus the host processes (parameter
-        servers) the strategy places with ``layout(cluster)``, if it has one."""
+        servers) the strategy places with ``hosts(cluster)``, if it has that method."""
         return self._run_cluster  # set in __post_init__
+
+    def _place_hosts(self) -> Cluster:
+        place = getattr(self.strategy, "hosts", None)
+        if not callable(place):
+            return self.cluster
+        if self.cluster.hosts:
+            raise ValueError(
+                f"Experiment.cluster already has {len(self.cluster.hosts)} host process(es); "
+                f"strategy {type(self.strategy).__name__} places its own"
+            )
+        try:
+            return self.cluster.with_hosts([Host(**spec) for spec in place(self.cluster)])
+        except ValueError as exc:
+            raise ValueError(f"strategy {type(self.strategy).__name__}: {exc}") from None
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:

@@ -3,8 +3,11 @@
 from strategies.bucketing import Bucket, assign_buckets
 from strategies.context import Job, Program, RankContext
 from strategies.data_parallel import AllReduceSGD
+from strategies.local_sgd import LocalSGD
+from strategies.parameter_server import ParameterServer
+from strategies.sharding import ParamShard, partition_params, split_batch
 
-STRATEGIES = {cls.name: cls for cls in (AllReduceSGD,)}
+STRATEGIES = {cls.name: cls for cls in (AllReduceSGD, ParameterServer, LocalSGD)}
 
 
 def strategy_from_dict(spec: dict):
@@ -27,6 +30,11 @@ def strategy_from_dict(spec: dict):
 
 __all__ = [
     "AllReduceSGD",
+    "LocalSGD",
+    "ParamShard",
+    "ParameterServer",
+    "partition_params",
+    "split_batch",
     "Bucket",
     "Job",
     "Program",

@@ -1,0 +1,323 @@
+"""Parameter servers: synchronous, asynchronous, stale-synchronous, backup workers.
+
+The GPU ranks are workers; the strategy adds ``servers`` host processes
+(:meth:`ParameterServer.hosts`), each owning one contiguous shard of the
+parameters (:mod:`strategies.sharding`). A worker computes forward and
+backward, pushes each shard's gradient to its server as soon as backward has
+produced it (``overlap``), and receives fresh parameters; a server applies
+gradients to its shard with the experiment's optimizer, on its own device.
+
+Protocol (tags): a worker sends ``PUSH`` messages (the gradient shard; meta:
+the shard ``version`` it read, its ``clock`` = iteration, ``read_time``,
+``samples``) and, when it stops, a zero-byte ``PUSH`` with meta ``done`` and
+the number of pushes it made; a server answers with ``PARAMS`` (meta: the new
+``version``; ``stop`` in async mode). A server ends once every worker is done
+and all their pushes are in, so nothing is left unreceived.
+
+Modes:
+
+* ``sync``: a server waits for a gradient from every worker (``wait_for=K``:
+  the first K of this iteration), applies their sum as one update and sends the
+  new shard to every worker. With ``wait_for < N`` (backup workers, Chen et
+  al. 2016) a worker still computing when new parameters arrive abandons the
+  iteration (before its first push; after that it completes it so every
+  server sees the same gradients), and gradients of closed iterations are
+  dropped and recorded as such. Every iteration then lasts the K-th order
+  statistic of the workers' times.
+* ``async``: a server applies each gradient on arrival and answers its sender
+  at once with the new shard (Hogwild-style PS). Training stops at a global
+  step count, as asynchronous trainers do: once a shard has applied
+  ``iterations x workers`` gradients its answers say ``stop``, so every worker
+  is busy to the end and throughput is not diluted by a ragged finish.
+* ``ssp``: stale-synchronous parallel (Ho et al., NIPS 2013): updates are
+  applied on arrival, but a server answers a worker that has finished clock
+  ``c`` only once every worker has pushed at least ``c - staleness_bound``
+  times, so no worker runs more than ``staleness_bound`` clocks ahead of the
+  slowest. ``staleness_bound=0`` is a barrier every iteration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+from strategies.context import Job, RankContext
+from strategies.data_parallel import DTYPE_BYTES
+from strategies.ops import TensorRef
+from strategies.sharding import PARTITIONS, ParamShard, partition_params
+
+MODES = ("sync", "async", "ssp")
+PLACEMENTS = ("dedicated", "colocated")
+PUSH, PARAMS = 1, 2
+
+
+@dataclass(frozen=True, kw_only=True)
+class ParameterServer:
+    """Workers push gradients to sharded servers and pull parameters back."""
+
+    name: ClassVar[str] = "parameter_server"
+
+    servers: int | None = None
+    """Parameter shards, one server process each. Default: 1 dedicated, or one per node colocated."""
+    placement: str = "dedicated"
+    """``dedicated``: each server on a node of its own (one NIC); ``colocated``: server j on
+    worker node ``j % nodes``, sharing that node's NICs."""
+    mode: str = "sync"
+    """``sync``, ``async`` or ``ssp``."""
+    staleness_bound: int = 0
+    """SSP: how many clocks a worker may run ahead of the slowest."""
+    wait_for: int | None = None
+    """Sync: gradients a server waits for per iteration (K of N workers; None = all)."""
+    partition: str = "layer"
+    """``layer`` (whole layers, balanced by bytes) or ``slice`` (equal slices of the flat parameters)."""
+    server_device: str = "cpu-socket"
+    """Catalogue device the servers run on (their optimizer step is charged there)."""
+    grad_dtype: str = "fp32"
+    """Element type of pushed gradients."""
+    param_dtype: str = "fp32"
+    """Element type of pulled parameters."""
+    overlap: bool = True
+    """Push each shard as soon as backward has produced its gradients."""
+
+    def __post_init__(self) -> None:
+        if self.servers is not None and (isinstance(self.servers, bool) or not isinstance(self.servers, int)
+                                         or self.servers < 1):
+            raise ValueError(f"ParameterServer.servers must be an integer >= 1, got {self.servers!r}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"ParameterServer.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"ParameterServer.mode must be one of {MODES}, got {self.mode!r}")
+        s = self.staleness_bound
+        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+            raise ValueError(f"ParameterServer.staleness_bound must be an integer >= 0, got {s!r}")
+        if s and self.mode != "ssp":
+            raise ValueError(f"ParameterServer.staleness_bound applies to mode='ssp' only (mode is {self.mode!r})")
+        k = self.wait_for
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"ParameterServer.wait_for must be an integer >= 1 or None, got {k!r}")
+            if self.mode != "sync":
+                raise ValueError(f"ParameterServer.wait_for applies to mode='sync' only (mode is {self.mode!r})")
+        if self.partition not in PARTITIONS:
+            raise ValueError(f"ParameterServer.partition must be one of {PARTITIONS}, got {self.partition!r}")
+        for field in ("grad_dtype", "param_dtype"):
+            if getattr(self, field) not in DTYPE_BYTES:
+                raise ValueError(f"ParameterServer.{field} must be one of {tuple(DTYPE_BYTES)}, got {getattr(self, field)!r}")
+        if not isinstance(self.server_device, str) or not self.server_device:
+            raise ValueError(f"ParameterServer.server_device must be a catalogue device name, got {self.server_device!r}")
+        if not isinstance(self.overlap, bool):
+            raise ValueError(f"ParameterServer.overlap must be true or false, got {self.overlap!r}")
+
+    # placement
+    def num_servers(self, nodes: int) -> int:
+        if self.servers is not None:
+            return self.servers
+        return nodes if self.placement == "colocated" else 1
+
+    def hosts(self, cluster) -> list[dict]:
+        """The server processes this strategy adds to ``cluster``: ``{"node", "device"}`` each."""
+        k = self.num_servers(cluster.nodes)
+        if self.placement == "dedicated":
+            return [{"node": cluster.nodes + j, "device": self.server_device} for j in range(k)]
+        return [{"node": j % cluster.nodes, "device": self.server_device} for j in range(k)]
+
+    def shards(self, job: Job) -> tuple[ParamShard, ...]:
+        return partition_params(job.layer_params, len(job.hosts), self.partition)
+
+    def check(self, job: Job) -> None:
+        """Raise ``ValueError`` if this strategy cannot run ``job``."""
+        workers = job.accelerators
+        if not job.hosts:
+            raise ValueError("ParameterServer needs server processes; build the run with Experiment, which adds them")
+        if self.wait_for is not None and self.wait_for > workers:
+            raise ValueError(f"ParameterServer.wait_for must be at most the {workers} workers, got {self.wait_for}")
+        try:
+            self.shards(job)
+        except ValueError as exc:
+            raise ValueError(f"ParameterServer: {exc}") from None
+
+    # programs
+    def programs(self, job: Job) -> list:
+        self.check(job)
+        shards = self.shards(job)
+        servers = tuple(job.hosts)
+        g, p = DTYPE_BYTES[self.grad_dtype], DTYPE_BYTES[self.param_dtype]
+        grads = [TensorRef(f"grads/shard{s.index}", s.size * g, "grads", s.layers, s.elements) for s in shards]
+        params = [TensorRef(f"params/shard{s.index}", s.size * p, "params", s.layers, s.elements) for s in shards]
+        worker = self._worker(shards, servers, grads, params)
+        server = {"sync": self._sync_server, "async": self._async_server, "ssp": self._ssp_server}[self.mode]
+        return [worker] * job.accelerators + [server(j, shards[j], params[j]) for j in range(len(servers))]
+
+    def _worker(self, shards, servers, grads, params):
+        mode, overlap = self.mode, self.overlap
+        backup = mode == "sync" and self.wait_for is not None
+        # Push order: the shard whose first layer backward reaches first.
+        order = sorted(range(len(shards)), key=lambda j: shards[j].layers[0], reverse=True)
+        done_tensor = TensorRef("done", 0, "custom")
+
+        def worker(ctx: RankContext):
+            n = ctx.job.num_layers
+            versions = [0] * len(shards)
+            read_times = [0.0] * len(shards)
+            pushes = 0
+            pending = []  # async sends still in flight
+            count = -1 if mode == "async" else None
+            for i in ctx.iterations(count):
+                fresh = []  # backup workers: the next parameters, posted now, abandon a late iteration
+                if backup:
+                    for j in order:
+                        fresh.append((yield ctx.recv(servers[j], params[j], tag=PARAMS, async_op=True)))
+                cancel = fresh if backup else None
+                completed = yield ctx.forward((0, n), cancel_on=cancel)
+                pos = n
+                pushed = False
+                if completed and not overlap:
+                    completed = yield ctx.backward((0, n), cancel_on=cancel)
+                    pos = 0
+                for j in order:
+                    if not completed:
+                        break
+                    first = shards[j].layers[0]
+                    if first < pos:  # backward down to the shard's first layer: its gradients are ready
+                        # Once a shard is pushed the iteration is finished, so every server sees it.
+                        completed = yield ctx.backward((first, pos), cancel_on=None if pushed else cancel)
+                        pos = first
+                        if not completed:
+                            break
+                    meta = {"version": versions[j], "clock": i, "read_time": read_times[j], "samples": ctx.samples}
+                    pending.append((yield ctx.send(servers[j], grads[j], tag=PUSH, async_op=True, meta=meta)))
+                    pushed = True
+                if pushed and pos > 0:  # layers before the first with parameters
+                    yield ctx.backward((0, pos))
+                if pushed:
+                    pushes += 1
+                stop = False
+                replies = []
+                if backup:
+                    for handle in fresh:
+                        replies.append((yield ctx.wait(handle)))
+                    replies = [replies[order.index(j)] for j in range(len(shards))]
+                else:
+                    for j in range(len(shards)):
+                        replies.append((yield ctx.recv(servers[j], params[j], tag=PARAMS)))
+                for j, reply in enumerate(replies):
+                    versions[j] = int(reply.get("version"))
+                    read_times[j] = reply.time
+                    stop = stop or bool(reply.get("stop", 0))
+                if stop:
+                    break
+            for handle in pending:
+                yield ctx.wait(handle)
+            for server in servers:
+                yield ctx.send(server, done_tensor, tag=PUSH, meta={"done": 1, "pushes": pushes})
+
+        return worker
+
+    @staticmethod
+    def _ledger(workers: int):
+        """Tracks pushes received and workers done, for a clean shutdown."""
+        return {"received": [0] * workers, "announced": [None] * workers}
+
+    @staticmethod
+    def _finished(ledger) -> bool:
+        return all(a is not None and a == r for a, r in zip(ledger["announced"], ledger["received"], strict=True))
+
+    def _sync_server(self, j: int, shard: ParamShard, params: TensorRef):
+        ledger_of = self._ledger
+        finished = self._finished
+
+        def server(ctx: RankContext):
+            workers = ctx.job.accelerators
+            k = self.wait_for or workers
+            ledger = ledger_of(workers)
+            dropped = []
+            for it in range(ctx.job.iterations):
+                accepted = []
+                while len(accepted) < k:
+                    msg = yield ctx.recv_any(params, tag=PUSH)
+                    if msg.get("done"):
+                        ledger["announced"][msg.src] = int(msg.get("pushes"))
+                        continue
+                    ledger["received"][msg.src] += 1
+                    (accepted if int(msg.get("clock")) == it else dropped).append(msg)
+                version = yield ctx.apply(j, params, accepted, dropped=dropped)
+                dropped = []
+                handles = []
+                for w in range(workers):
+                    handles.append((yield ctx.send(w, params, tag=PARAMS, async_op=True, meta={"version": version})))
+                for handle in handles:
+                    yield ctx.wait(handle)
+            while not finished(ledger):  # late gradients of the last iterations, then the goodbyes
+                msg = yield ctx.recv_any(params, tag=PUSH)
+                if msg.get("done"):
+                    ledger["announced"][msg.src] = int(msg.get("pushes"))
+                else:
+                    ledger["received"][msg.src] += 1
+                    dropped.append(msg)
+            if dropped:
+                yield ctx.apply(j, params, (), dropped=dropped)
+
+        return server
+
+    def _async_server(self, j: int, shard: ParamShard, params: TensorRef):
+        ledger_of = self._ledger
+        finished = self._finished
+
+        def server(ctx: RankContext):
+            workers = ctx.job.accelerators
+            target = ctx.job.iterations * workers
+            ledger = ledger_of(workers)
+            applied = 0
+            pending = []
+            while not finished(ledger):
+                msg = yield ctx.recv_any(params, tag=PUSH)
+                if msg.get("done"):
+                    ledger["announced"][msg.src] = int(msg.get("pushes"))
+                    continue
+                ledger["received"][msg.src] += 1
+                version = yield ctx.apply(j, params, (msg,))
+                applied += 1
+                meta = {"version": version, "stop": int(applied >= target)}
+                pending.append((yield ctx.send(msg.src, params, tag=PARAMS, async_op=True, meta=meta)))
+            for handle in pending:
+                yield ctx.wait(handle)
+
+        return server
+
+    def _ssp_server(self, j: int, shard: ParamShard, params: TensorRef):
+        ledger_of = self._ledger
+        finished = self._finished
+        bound = self.staleness_bound
+
+        def server(ctx: RankContext):
+            workers = ctx.job.accelerators
+            iterations = ctx.job.iterations
+            ledger = ledger_of(workers)
+            clock = ledger["received"]  # pushes applied per worker = clocks it has finished
+            waiting: list[tuple[int, int]] = []  # (worker, the slowest clock it needs)
+            sends = []
+            version = 0
+            while not finished(ledger):
+                msg = yield ctx.recv_any(params, tag=PUSH)
+                if msg.get("done"):
+                    ledger["announced"][msg.src] = int(msg.get("pushes"))
+                    continue
+                version = yield ctx.apply(j, params, (msg,))
+                clock[msg.src] += 1
+                c = clock[msg.src]
+                waiting.append((msg.src, c - bound if c < iterations else -1))
+                slowest = min(clock)
+                still = []
+                for w, need in waiting:
+                    if slowest >= need:
+                        sends.append((yield ctx.send(w, params, tag=PARAMS, async_op=True, meta={"version": version})))
+                    else:
+                        still.append((w, need))
+                waiting = still
+            for handle in sends:
+                yield ctx.wait(handle)
+
+        return server
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **asdict(self)}
