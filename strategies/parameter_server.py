@@ -70,8 +70,9 @@ class ParameterServer:
     """Sync: gradients a server waits for per iteration (K of N workers; None = all)."""
     partition: str = "layer"
     """``layer`` (whole layers, balanced by bytes) or ``slice`` (equal slices of the flat parameters)."""
-    server_device: str = "cpu-socket"
-    """Catalogue device the servers run on (their optimizer step is charged there)."""
+    server_device: str | dict = "cpu-socket"
+    """Device the servers run on (their optimizer step is charged there): a catalogue
+    name, or a table of a name plus overrides (``{"name": "cpu-socket", "mem_bandwidth": 400e9}``)."""
     grad_dtype: str = "fp32"
     """Element type of pushed gradients."""
     param_dtype: str = "fp32"
@@ -103,8 +104,10 @@ class ParameterServer:
         for field in ("grad_dtype", "param_dtype"):
             if getattr(self, field) not in DTYPE_BYTES:
                 raise ValueError(f"ParameterServer.{field} must be one of {tuple(DTYPE_BYTES)}, got {getattr(self, field)!r}")
-        if not isinstance(self.server_device, str) or not self.server_device:
-            raise ValueError(f"ParameterServer.server_device must be a catalogue device name, got {self.server_device!r}")
+        if not (isinstance(self.server_device, str) and self.server_device) and not isinstance(self.server_device, dict):
+            raise ValueError(
+                f"ParameterServer.server_device must be a catalogue device name or a table, got {self.server_device!r}"
+            )
         if not isinstance(self.overlap, bool):
             raise ValueError(f"ParameterServer.overlap must be true or false, got {self.overlap!r}")
 
@@ -291,7 +294,6 @@ class ParameterServer:
 
         def server(ctx: RankContext):
             workers = ctx.job.accelerators
-            iterations = ctx.job.iterations
             ledger = ledger_of(workers)
             clock = ledger["received"]  # pushes applied per worker = clocks it has finished
             waiting: list[tuple[int, int]] = []  # (worker, the slowest clock it needs)
@@ -305,7 +307,7 @@ class ParameterServer:
                 version = yield ctx.apply(j, params, (msg,))
                 clock[msg.src] += 1
                 c = clock[msg.src]
-                waiting.append((msg.src, c - bound if c < iterations else -1))
+                waiting.append((msg.src, c - bound))  # the final read too: s = 0 ends on a barrier
                 slowest = min(clock)
                 still = []
                 for w, need in waiting:

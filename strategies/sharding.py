@@ -104,13 +104,13 @@ def split_batch(total: int, weights) -> tuple[int, ...]:
         raise ValueError(f"split_batch: weights must be positive numbers, got {weights!r}")
     scale = sum(weights)
     exact = [total * w / scale for w in weights]
-    shares = [max(1, int(x)) for x in exact]
-    order = sorted(range(len(weights)), key=lambda i: exact[i] - int(exact[i]), reverse=True)
-    i = 0
-    while sum(shares) < total:
-        shares[order[i % len(order)]] += 1
-        i += 1
-    while sum(shares) > total:  # the max(1, .) floor overshot: take from the largest
-        j = max((m for m in range(len(shares)) if shares[m] > 1), key=lambda m: shares[m] - exact[m])
-        shares[j] -= 1
+    shares = [int(x) for x in exact]
+    order = sorted(range(len(weights)), key=lambda i: exact[i] - shares[i], reverse=True)
+    for i in order[: total - sum(shares)]:  # largest remainders
+        shares[i] += 1
+    for i in range(len(shares)):  # every worker gets at least one sample, from the most over-served
+        if shares[i] == 0:
+            j = max((m for m in range(len(shares)) if shares[m] > 1), key=lambda m: shares[m] - exact[m])
+            shares[j] -= 1
+            shares[i] = 1
     return tuple(shares)

@@ -12,3 +12,15 @@ def small_workload() -> Workload:
         for i, p in enumerate(params)
     )
     return Workload(name="small", layers=layers)
+
+
+def timed_workload(params=(4096,), fwd=0.4, bwd=0.6, batch=32) -> Workload:
+    """Layers with measured times: one iteration's compute is exactly fwd + bwd seconds
+    at the calibration batch (and scales linearly with the samples)."""
+    n = len(params)
+    layers = tuple(
+        Layer(name=f"l{i}", kind="Linear", params=p, fwd_flops=1.0, bwd_flops=1.0, input_elems=1.0,
+              output_elems=1.0, fwd_time=fwd / n, bwd_time=bwd / n)
+        for i, p in enumerate(params)
+    )
+    return Workload(name="timed", layers=layers, calibration_batch=batch)

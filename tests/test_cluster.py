@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from simulator.cluster import Cluster, LeafSpine, SingleSwitch
+from simulator.cluster import Cluster, Host, LeafSpine, SingleSwitch
 from simulator.hardware import DEVICES, LINKS, device, link
 
 
@@ -270,3 +270,51 @@ def test_cluster_is_frozen_hashable_and_picklable():
     assert hash(c) == hash(Cluster.from_dict(c.to_dict()))
     back = pickle.loads(pickle.dumps(c))
     assert back == c and back.route(0, 3) == c.route(0, 3)
+
+
+def test_dedicated_host_nodes_have_one_nic_into_the_fabric():
+    c = Cluster.homogeneous(nodes=2, gpus_per_node=2, intra="nvlink3", inter="25GbE").with_hosts(
+        [Host(node=2), Host(node=3, device="cpu-core")])
+    assert (c.world_size, c.num_gpus, c.total_nodes) == (6, 4, 4)
+    assert [c.node_of(r) for r in range(6)] == [0, 0, 1, 1, 2, 3]
+    assert c.device_of(4).name == "cpu-socket" and c.device_of(5).name == "cpu-core"
+    assert c.is_host(4) and not c.is_host(3)
+    names = [c.links[i].name for i in c.route(1, 4)]
+    assert names == ["node0.nic0.up", "node2.nic0.down"]
+    assert [c.links[i].name for i in c.route(5, 4)] == ["node3.nic0.up", "node2.nic0.down"]
+    # Two single-NIC hops: exactly the catalogue latency and bandwidth.
+    assert c.path_latency(1, 4) == LINKS["25GbE"].latency
+    assert c.path_bandwidth(4, 0) == 25e9 / 8
+    assert c.node_ranks(2) == [4]
+    assert Cluster.from_dict(c.to_dict()) == c
+
+
+
+def test_colocated_host_shares_its_nodes_nic_and_reaches_local_gpus_over_its_host_link():
+    c = Cluster.homogeneous(nodes=2, gpus_per_node=2, nics_per_node=1, intra="nvlink3").with_hosts(
+        [Host(node=0), Host(node=1)])
+    assert c.node_ranks(0) == [0, 1, 4]
+    assert c.local_rank(4) == 2
+    assert [c.links[i].name for i in c.route(0, 4)] == ["node0.host0.down"]
+    assert [c.links[i].name for i in c.route(4, 1)] == ["node0.host0.up"]
+    assert c.path_bandwidth(0, 4) == c.host_link.bandwidth
+    assert c.path_latency(0, 4) == c.host_link.latency / 2
+    # Another node's GPU reaches the host through the node's NIC, like its GPUs do.
+    assert [c.links[i].name for i in c.route(2, 4)] == ["node1.nic0.up", "node0.nic0.down"]
+    assert [c.links[i].name for i in c.route(4, 5)] == ["node0.nic0.up", "node1.nic0.down"]
+    pcie = Cluster.homogeneous(nodes=1, gpus_per_node=2, intra="pcie4").with_hosts([Host(node=0)])
+    assert [pcie.links[i].name for i in pcie.route(1, 2)] == ["node0.gpu1.pcie_up", "node0.host0.down"]
+
+
+def test_dedicated_host_nodes_must_follow_the_gpu_nodes():
+    with pytest.raises(ValueError, match=r"dedicated host nodes must be numbered 2, 3, ... without gaps"):
+        Cluster.homogeneous(nodes=2).with_hosts([Host(node=3)])
+    with pytest.raises(ValueError, match=r"Host.node must be an integer >= 0, got -1"):
+        Host(node=-1)
+
+
+def test_leaf_spine_places_dedicated_nodes_on_the_next_leaves():
+    c = Cluster.homogeneous(nodes=4, gpus_per_node=1, topology=LeafSpine(nodes_per_leaf=2)).with_hosts(
+        [Host(node=4), Host(node=5)])
+    names = [c.links[i].name for i in c.route(0, 4)]
+    assert names == ["node0.nic0.up", "leaf0->spine0", "spine0->leaf2", "node4.nic0.down"]

@@ -79,3 +79,32 @@ def test_bad_variability_settings():
         ComputeModel(slowdowns=({"rank": 0},))
     model = ComputeModel(slowdowns=({"rank": 1, "start": 0, "end": 1, "factor": 2},))
     assert ComputeModel(**{**model.to_dict(), "stragglers": {}}) == model
+
+
+def test_shifted_exponential_has_the_shift_as_its_minimum():
+    x = draws(ComputeModel(distribution="exponential", shift=0.25))
+    assert x.min() >= 0.25
+    assert abs(x.mean() - 1) < 0.03
+    assert abs(x.std() - 0.75) < 0.04  # the exponential part has mean (and sd) 1 - shift
+
+
+def test_iteration_scope_draws_once_per_rank_and_iteration():
+    model = ComputeModel(distribution="lognormal", noise_cv=0.5, scope="iteration")
+    timer = ComputeTimer(wl(), [DEV, DEV], "fp32", "sgd", model, [np.random.default_rng(s) for s in (0, 1)])
+    fwd = timer.base_time(0, "forward", (0, 2), 8)
+    bwd = timer.base_time(0, "backward", (0, 2), 8)
+    factors = []
+    for i in range(200):
+        f = timer.time(0, "forward", (0, 2), 8, iteration=i) / fwd
+        b = timer.time(0, "backward", (0, 2), 8, iteration=i) / bwd
+        assert f == pytest.approx(b, rel=1e-12)  # one draw covers the whole iteration
+        factors.append(f)
+    assert len(set(factors)) == 200
+    assert abs(np.std(factors) / np.mean(factors) - 0.5) < 0.1
+
+
+def test_bad_scope_and_shift():
+    with pytest.raises(ValueError, match=r"compute.scope must be one of \('op', 'iteration'\), got 'step'"):
+        ComputeModel(scope="step")
+    with pytest.raises(ValueError, match=r"compute.shift must be a number in \[0, 1\), got 1"):
+        ComputeModel(distribution="exponential", shift=1)
