@@ -114,7 +114,8 @@ def build_result(sim, stats: dict) -> RunResult:
         "node": [cluster.node_of(r) for r in range(sim.world)],
         "device": [d.name for d in sim.devices],
         "kind": ["host" if r >= cluster.num_gpus else "gpu" for r in range(sim.world)],
-        "peak_flops": [d.flops(exp.precision) for d in sim.devices],
+        # Host processes (servers) compute in fp32 whatever the training precision.
+        "peak_flops": [d.flops(exp.precision if r < cluster.num_gpus else "fp32") for r, d in enumerate(sim.devices)],
         "bytes_sent": sim.bytes_sent,
     })
     workload = exp.workload
@@ -221,7 +222,10 @@ def plot_staleness(results, ax=None, *, labels=None):
     for i, result in enumerate(results):
         hist = staleness_histogram(result)
         label = labels[i] if labels else (result.experiment.get("name") or f"run {i}")
-        ax.step(hist["staleness"], hist["fraction"], where="mid", label=label)
+        if len(hist):  # every value from 0 to the max, so the steps do not bridge empty bins
+            full = hist.set_index("staleness")["fraction"].reindex(range(int(hist["staleness"].max()) + 1),
+                                                                    fill_value=0.0)
+            ax.step(full.index, full.to_numpy(), where="mid", label=label)
     ax.set_xlabel("staleness (updates between read and apply)")
     ax.set_ylabel("fraction of applied gradients")
     ax.legend(fontsize="small")

@@ -259,3 +259,36 @@ def test_parameter_server_round_trips_through_an_experiment_file(tmp_path):
     assert exp.strategy == ParameterServer(mode="ssp", staleness_bound=1, servers=2)
     assert Experiment.from_dict(exp.to_dict()) == exp
     assert math.isfinite(simulate(exp).summary()["staleness_mean"])
+
+
+def test_servers_on_cpus_serve_workers_training_in_bf16():
+    exp = Experiment(workload=timed_workload(params=(1000, 2000)), cluster=fast_cluster(2), precision="bf16",
+                     strategy=ParameterServer(servers=2), iterations=2)
+    result = simulate(exp)
+    assert result.ranks["kind"].tolist() == ["gpu", "gpu", "host", "host"]
+    assert result.ranks["peak_flops"].tolist()[2:] == [5.12e12, 5.12e12]  # cpu-socket fp32
+    s = result.summary()
+    assert s["updates_applied"] == 4
+    # Utilisation counts the GPUs only: the servers do not train.
+    peak = 2 * exp.cluster.device.flops("bf16")
+    assert s["model_flops_utilisation"] == pytest.approx(
+        s["throughput"] * result.stats["flops_per_sample"] / peak, rel=1e-12)
+
+
+def test_staleness_histogram_and_plot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from simulator.results import plot_staleness, staleness_histogram
+
+    n = 4
+    result = run(n, ParameterServer(mode="async", server_device=FAST_SERVER), iterations=10)
+    hist = staleness_histogram(result)
+    # First round 0, 1, 2, 3 once each; then n - 1 for every other gradient.
+    total = len(result.updates)
+    assert hist["staleness"].tolist() == [0, 1, 2, 3]
+    assert hist["count"].tolist() == [1, 1, 1, total - 3]
+    assert hist["fraction"].sum() == pytest.approx(1.0)
+    ax = plot_staleness(result, labels=["async"])
+    xs, ys = ax.lines[0].get_data()
+    assert list(xs) == [0, 1, 2, 3] and ys[-1] == pytest.approx((total - 3) / total)
