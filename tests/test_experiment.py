@@ -413,8 +413,12 @@ def test_every_example_loads_and_simulates(path):
     result = simulate(exp)
     summary = result.summary()
     assert summary["world_size"] == exp.world_size
-    assert summary["iterations"] == exp.iterations
-    assert len(result.iterations) == exp.world_size * exp.iterations
+    gpus = exp.run_cluster.num_gpus  # host processes (servers) run no training iterations
+    if getattr(exp.strategy, "mode", None) == "async":  # stops at a global step count
+        assert summary["updates_applied"] >= exp.iterations * gpus
+    else:
+        assert summary["iterations"] == exp.iterations
+        assert len(result.iterations) == gpus * exp.iterations
     assert summary["makespan"] > 0 and summary["throughput"] > 0
     assert Experiment.from_dict(result.experiment) == exp
 
