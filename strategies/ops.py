@@ -59,12 +59,12 @@ class TensorRef:
             raise ValueError(f"TensorRef.nbytes must be >= 0, got {self.nbytes!r}")
         if self.elements is not None and not 0 <= self.elements[0] <= self.elements[1]:
             raise ValueError(f"TensorRef.elements must be a range (start <= stop), got {self.elements!r}")
+        if self.role not in TENSOR_ROLES:
+            raise ValueError(f"TensorRef.role must be one of {TENSOR_ROLES}, got {self.role!r}")
 
     @property
     def num_elements(self) -> int | None:
         return None if self.elements is None else self.elements[1] - self.elements[0]
-        if self.role not in TENSOR_ROLES:
-            raise ValueError(f"TensorRef.role must be one of {TENSOR_ROLES}, got {self.role!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,10 +20,13 @@ Modes:
   the first K of this iteration), applies their sum as one update and sends the
   new shard to every worker. With ``wait_for < N`` (backup workers, Chen et
   al. 2016) a worker still computing when new parameters arrive abandons the
-  iteration (before its first push; after that it completes it so every
-  server sees the same gradients), and gradients of closed iterations are
+  iteration (before its first push; after that it completes it, so every
+  server receives the same gradients), and gradients of closed iterations are
   dropped and recorded as such. Every iteration then lasts the K-th order
-  statistic of the workers' times.
+  statistic of the workers' times. Each server takes the first K gradients
+  that reach *it*, as TensorFlow's SyncReplicasOptimizer does per variable, so
+  where pushes reach servers in different orders (a colocated server hears its
+  own node's worker first) two shards may apply different sets of K workers.
 * ``async``: a server applies each gradient on arrival and answers its sender
   at once with the new shard (Hogwild-style PS). Training stops at a global
   step count, as asynchronous trainers do: once a shard has applied

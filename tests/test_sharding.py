@@ -61,7 +61,12 @@ def test_split_batch_is_proportional_and_complete(extra, weights):
     shares = split_batch(total, weights)
     assert sum(shares) == total and min(shares) >= 1
     exact = [total * w / sum(weights) for w in weights]
-    assert all(abs(s - x) < 1 + 1e-9 or s == 1 for s, x in zip(shares, exact, strict=True))
+    # Largest remainders put every share within 1 of exact; each share raised to the
+    # minimum of 1 may then take one more sample from another.
+    raised = sum(1 for x in exact if x < 1)
+    assert all(abs(s - x) < 1 + raised + 1e-9 for s, x in zip(shares, exact, strict=True))
+    if raised == 0:
+        assert all(abs(s - x) < 1 for s, x in zip(shares, exact, strict=True))
 
 
 def test_split_batch_rejects_bad_input():
