@@ -86,10 +86,8 @@ class Experiment:
                     f"(one per GPU rank), got {list(sizes)!r}"
                 )
             object.__setattr__(self, "batch_size", sizes)
-        for name in ("batch_size", "iterations"):
+        for name in ("iterations",) if isinstance(self.batch_size, tuple) else ("batch_size", "iterations"):
             value = getattr(self, name)
-            if name == "batch_size" and isinstance(value, tuple):
-                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"Experiment.{name} must be an integer >= 1, got {value!r}")
         if not isinstance(self.name, str):

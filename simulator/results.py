@@ -113,9 +113,9 @@ def build_result(sim, stats: dict) -> RunResult:
         "rank": np.arange(sim.world),
         "node": [cluster.node_of(r) for r in range(sim.world)],
         "device": [d.name for d in sim.devices],
-        "kind": ["host" if r >= cluster.num_gpus else "gpu" for r in range(sim.world)],
+        "kind": ["host" if cluster.is_host(r) else "gpu" for r in range(sim.world)],
         # Host processes (servers) compute in fp32 whatever the training precision.
-        "peak_flops": [d.flops(exp.precision if r < cluster.num_gpus else "fp32") for r, d in enumerate(sim.devices)],
+        "peak_flops": [d.flops("fp32" if cluster.is_host(r) else exp.precision) for r, d in enumerate(sim.devices)],
         "bytes_sent": sim.bytes_sent,
     })
     workload = exp.workload

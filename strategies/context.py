@@ -64,10 +64,6 @@ class Job:
         return len(self.layer_params)
 
     @property
-    def num_params(self) -> int:
-        return int(sum(self.layer_params))
-
-    @property
     def hosts(self) -> range:
         """Host-process ranks (after the GPU ranks)."""
         return range(self.accelerators, self.world_size)

@@ -21,6 +21,14 @@ DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 GradDtype = Literal["fp32", "fp16", "bf16"]
 
 
+def _check_bucket_caps(strategy) -> None:
+    """``bucket_mb`` and ``first_bucket_mb`` of ``strategy`` are finite sizes > 0 (MiB)."""
+    for field in ("bucket_mb", "first_bucket_mb"):
+        value = getattr(strategy, field)
+        if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < float("inf")):
+            raise ValueError(f"{type(strategy).__name__}.{field} must be a finite number > 0 (MiB), got {value!r}")
+
+
 def _check_algorithm(op: str, algorithm: str, field: str) -> None:
     from strategies.collectives import ALGORITHMS
 
@@ -54,10 +62,7 @@ class AllReduceSGD:
 
     def __post_init__(self) -> None:
         _check_algorithm("all_reduce", self.algorithm, "AllReduceSGD.algorithm")
-        for field in ("bucket_mb", "first_bucket_mb"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < float("inf")):
-                raise ValueError(f"AllReduceSGD.{field} must be a finite number > 0 (MiB), got {value!r}")
+        _check_bucket_caps(self)
         if not isinstance(self.overlap, bool):
             raise ValueError(f"AllReduceSGD.overlap must be true or false, got {self.overlap!r}")
         if self.grad_dtype not in DTYPE_BYTES:

@@ -18,7 +18,7 @@ from typing import ClassVar
 
 from strategies.bucketing import MIB, Bucket, assign_buckets
 from strategies.context import Job, RankContext
-from strategies.data_parallel import DTYPE_BYTES, _check_algorithm, idle
+from strategies.data_parallel import DTYPE_BYTES, _check_algorithm, _check_bucket_caps, idle
 from strategies.ops import TensorRef
 
 
@@ -46,10 +46,7 @@ class LocalSGD:
         _check_algorithm("all_reduce", self.algorithm, "LocalSGD.algorithm")
         if not isinstance(self.weighted, bool):
             raise ValueError(f"LocalSGD.weighted must be true or false, got {self.weighted!r}")
-        for field in ("bucket_mb", "first_bucket_mb"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not (isinstance(value, int | float) and 0 < value < float("inf")):
-                raise ValueError(f"LocalSGD.{field} must be a finite number > 0 (MiB), got {value!r}")
+        _check_bucket_caps(self)
         if self.param_dtype not in DTYPE_BYTES:
             raise ValueError(f"LocalSGD.param_dtype must be one of {tuple(DTYPE_BYTES)}, got {self.param_dtype!r}")
 

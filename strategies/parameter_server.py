@@ -152,7 +152,7 @@ class ParameterServer:
         params = [TensorRef(f"params/shard{s.index}", s.size * p, "params", s.layers, s.elements) for s in shards]
         worker = self._worker(shards, servers, grads, params)
         server = {"sync": self._sync_server, "async": self._async_server, "ssp": self._ssp_server}[self.mode]
-        return [worker] * job.accelerators + [server(j, shards[j], params[j]) for j in range(len(servers))]
+        return [worker] * job.accelerators + [server(j, params[j]) for j in range(len(servers))]
 
     def _worker(self, shards, servers, grads, params):
         mode, overlap = self.mode, self.overlap
@@ -219,32 +219,16 @@ class ParameterServer:
 
         return worker
 
-    @staticmethod
-    def _ledger(workers: int):
-        """Tracks pushes received and workers done, for a clean shutdown."""
-        return {"received": [0] * workers, "announced": [None] * workers}
-
-    @staticmethod
-    def _finished(ledger) -> bool:
-        return all(a is not None and a == r for a, r in zip(ledger["announced"], ledger["received"], strict=True))
-
-    def _sync_server(self, j: int, shard: ParamShard, params: TensorRef):
-        ledger_of = self._ledger
-        finished = self._finished
-
+    def _sync_server(self, j: int, params: TensorRef):
         def server(ctx: RankContext):
             workers = ctx.job.accelerators
             k = self.wait_for or workers
-            ledger = ledger_of(workers)
+            ledger = _Ledger(workers)
             dropped = []
             for it in range(ctx.job.iterations):
                 accepted = []
                 while len(accepted) < k:
-                    msg = yield ctx.recv_any(params, tag=PUSH)
-                    if msg.get("done"):
-                        ledger["announced"][msg.src] = int(msg.get("pushes"))
-                        continue
-                    ledger["received"][msg.src] += 1
+                    msg = yield from ledger.next_push(ctx, params)
                     (accepted if int(msg.get("clock")) == it else dropped).append(msg)
                 version = yield ctx.apply(j, params, accepted, dropped=dropped)
                 dropped = []
@@ -253,34 +237,24 @@ class ParameterServer:
                     handles.append((yield ctx.send(w, params, tag=PARAMS, async_op=True, meta={"version": version})))
                 for handle in handles:
                     yield ctx.wait(handle)
-            while not finished(ledger):  # late gradients of the last iterations, then the goodbyes
-                msg = yield ctx.recv_any(params, tag=PUSH)
-                if msg.get("done"):
-                    ledger["announced"][msg.src] = int(msg.get("pushes"))
-                else:
-                    ledger["received"][msg.src] += 1
-                    dropped.append(msg)
+            while True:  # late gradients of the last iterations, then the goodbyes
+                msg = yield from ledger.next_push(ctx, params)
+                if msg is None:
+                    break
+                dropped.append(msg)
             if dropped:
                 yield ctx.apply(j, params, (), dropped=dropped)
 
         return server
 
-    def _async_server(self, j: int, shard: ParamShard, params: TensorRef):
-        ledger_of = self._ledger
-        finished = self._finished
-
+    def _async_server(self, j: int, params: TensorRef):
         def server(ctx: RankContext):
             workers = ctx.job.accelerators
             target = ctx.job.iterations * workers
-            ledger = ledger_of(workers)
+            ledger = _Ledger(workers)
             applied = 0
             pending = []
-            while not finished(ledger):
-                msg = yield ctx.recv_any(params, tag=PUSH)
-                if msg.get("done"):
-                    ledger["announced"][msg.src] = int(msg.get("pushes"))
-                    continue
-                ledger["received"][msg.src] += 1
+            while (msg := (yield from ledger.next_push(ctx, params))) is not None:
                 version = yield ctx.apply(j, params, (msg,))
                 applied += 1
                 meta = {"version": version, "stop": int(applied >= target)}
@@ -290,27 +264,17 @@ class ParameterServer:
 
         return server
 
-    def _ssp_server(self, j: int, shard: ParamShard, params: TensorRef):
-        ledger_of = self._ledger
-        finished = self._finished
+    def _ssp_server(self, j: int, params: TensorRef):
         bound = self.staleness_bound
 
         def server(ctx: RankContext):
-            workers = ctx.job.accelerators
-            ledger = ledger_of(workers)
-            clock = ledger["received"]  # pushes applied per worker = clocks it has finished
+            ledger = _Ledger(ctx.job.accelerators)
+            clock = ledger.received  # pushes received per worker = clocks it has finished
             waiting: list[tuple[int, int]] = []  # (worker, the slowest clock it needs)
             sends = []
-            version = 0
-            while not finished(ledger):
-                msg = yield ctx.recv_any(params, tag=PUSH)
-                if msg.get("done"):
-                    ledger["announced"][msg.src] = int(msg.get("pushes"))
-                    continue
+            while (msg := (yield from ledger.next_push(ctx, params))) is not None:
                 version = yield ctx.apply(j, params, (msg,))
-                clock[msg.src] += 1
-                c = clock[msg.src]
-                waiting.append((msg.src, c - bound))  # the final read too: s = 0 ends on a barrier
+                waiting.append((msg.src, clock[msg.src] - bound))  # the final read too: s = 0 ends on a barrier
                 slowest = min(clock)
                 still = []
                 for w, need in waiting:
@@ -326,3 +290,26 @@ class ParameterServer:
 
     def to_dict(self) -> dict:
         return {"name": self.name, **asdict(self)}
+
+
+class _Ledger:
+    """A server's count of each worker's pushes, and of the pushes each worker says it made."""
+
+    def __init__(self, workers: int):
+        self.received = [0] * workers
+        self.announced: list[int | None] = [None] * workers
+
+    def finished(self) -> bool:
+        return all(a is not None and a == r for a, r in zip(self.announced, self.received, strict=True))
+
+    def next_push(self, ctx: RankContext, params: TensorRef):
+        """Receive until the next gradient push and answer it; answer ``None`` once every
+        worker has said goodbye and all its pushes are in."""
+        while not self.finished():
+            msg = yield ctx.recv_any(params, tag=PUSH)
+            if msg.get("done"):
+                self.announced[msg.src] = int(msg.get("pushes"))
+                continue
+            self.received[msg.src] += 1
+            return msg
+        return None
