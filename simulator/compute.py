@@ -205,14 +205,34 @@ def _measured(workload, layer, samples: int) -> tuple[float, float]:
     return layer.fwd_time * scale, layer.bwd_time * scale
 
 
-def optimizer_time(params: float, device, optimizer: str, *, kernels: int = 1) -> float:
-    """Seconds to update ``params`` fp32 parameters with ``optimizer``."""
+MIXED = ("fp16", "bf16")
+"""Precisions trained in mixed precision: 16-bit weights and gradients, fp32 master weights."""
+
+
+def optimizer_time(params: float, device, optimizer: str, *, kernels: int = 1, precision: str = "fp32") -> float:
+    """Seconds to update ``params`` parameters with ``optimizer``.
+
+    fp32 (and tf32) training streams fp32 weights, gradients and state. Mixed
+    precision (``fp16``/``bf16``) steps the fp32 master weights and state: it reads
+    16-bit gradients (2 bytes less per parameter) and writes the 16-bit working copy
+    of the weights (2 bytes more), one more FLOP for that cast; with ``fp16`` dynamic
+    loss scaling also unscales the gradients and checks them for inf/NaN (a read and a
+    write of each 16-bit gradient, 2 FLOPs, one fused kernel), as ``GradScaler`` does.
+    """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {tuple(OPTIMIZERS)}, got {optimizer!r}")
     cost = OPTIMIZERS[optimizer]
-    flops = cost.flops * params / (device.flops("fp32") * device.compute_efficiency)
-    mem = 4 * cost.words_moved * params / (device.mem_bandwidth * device.memory_efficiency)
-    return max(flops, mem) + kernels * device.kernel_overhead
+    flops = cost.flops * params
+    moved = 4 * cost.words_moved * params
+    if precision in MIXED:
+        flops += params
+        if precision == "fp16":
+            moved += 2 * 2 * params
+            flops += 2 * params
+            kernels += 1
+    t_flops = flops / (device.flops("fp32") * device.compute_efficiency)
+    t_mem = moved / (device.mem_bandwidth * device.memory_efficiency)
+    return max(t_flops, t_mem) + kernels * device.kernel_overhead
 
 
 class ComputeTimer:
@@ -254,7 +274,9 @@ class ComputeTimer:
         if kind == "optimizer_step":
             params = (self._param_prefix[b] - self._param_prefix[a]) * fraction
             kernels = int(self._kernel_prefix[b] - self._kernel_prefix[a])
-            return optimizer_time(params, device, self.optimizer, kernels=kernels) if params else 0.0
+            if not params:
+                return 0.0
+            return optimizer_time(params, device, self.optimizer, kernels=kernels, precision=self.precision)
         fwd, bwd = self._sums(device, samples)
         sums = fwd if kind == "forward" else bwd
         return float(sums[b] - sums[a])
@@ -269,6 +291,16 @@ class ComputeTimer:
             t += 4 * (gradients + 1) * elements / (device.mem_bandwidth * device.memory_efficiency)
             t += device.kernel_overhead * (gradients - 1)
         return t
+
+    def cost_time(self, rank: int, cost) -> float:
+        """Noise-free seconds of a :class:`strategies.compression.Cost` on ``rank``'s device:
+        a roofline of its FLOPs (at the peak of its dtype, fp32 where the device has none)
+        and bytes, plus its kernel launches."""
+        device = self.devices[rank]
+        dtype = cost.dtype if cost.dtype in device.peak_flops else "fp32"
+        flops = cost.flops / (device.flops(dtype) * device.compute_efficiency)
+        mem = cost.bytes / (device.mem_bandwidth * device.memory_efficiency)
+        return max(flops, mem) + cost.kernels * device.kernel_overhead
 
     def time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0,
              *, now: float = 0.0, iteration: int = -1) -> float:

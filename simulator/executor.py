@@ -27,6 +27,7 @@ import simpy
 
 from simulator.collectives import CollectiveRunner
 from simulator.compute import ComputeTimer
+from simulator.memory import check_memory, memory_table
 from simulator.network import Network
 from simulator.results import RunResult, build_result
 from strategies.context import RankContext
@@ -34,6 +35,8 @@ from strategies.ops import (
     Apply,
     Backward,
     Collective,
+    Decode,
+    Encode,
     Forward,
     Message,
     OptimizerStep,
@@ -119,6 +122,8 @@ class _Simulation:
     # driving programs
     def run(self) -> RunResult:
         wall = time.perf_counter()
+        self.memory = memory_table(self.exp)
+        check_memory(self.memory, self.exp.out_of_memory, self.exp.name)
         programs = self.exp.strategy.programs(self.job)
         if len(programs) != self.world:
             raise RuntimeError(f"strategy made {len(programs)} programs for {self.world} ranks")
@@ -231,6 +236,14 @@ class _Simulation:
                 self._compute_acc[rank] += env.now - start
                 if value and kind == "forward" and op.segment[0] == 0:
                     self._samples_acc[rank] += op.samples
+            elif type(op) is Encode or type(op) is Decode:
+                it = self._iteration[rank]
+                start = env.now
+                if not op.cost.zero:
+                    yield env.timeout(timer.scale(rank, timer.cost_time(rank, op.cost), now=start, iteration=it))
+                    kind = "encode" if type(op) is Encode else "decode"
+                    spans.append((rank, "compute", f"{kind}[{op.tensor.name}]", start, env.now, it))
+                    self._compute_acc[rank] += env.now - start
             elif type(op) is Apply:
                 value = yield from self._apply(rank, op)
             elif type(op) is Collective:

@@ -36,7 +36,8 @@ from typing import Any
 
 from simulator.cluster import Cluster, Host
 from simulator.collectives import COLLECTIVE_MODELS
-from simulator.compute import OPTIMIZERS, PRECISION_BYTES, ComputeModel
+from simulator.compute import MIXED, OPTIMIZERS, PRECISION_BYTES, ComputeModel
+from simulator.memory import OUT_OF_MEMORY
 from simulator.workload import Workload
 from strategies import STRATEGIES, strategy_from_dict
 
@@ -55,11 +56,17 @@ class Experiment:
     iterations: int = 10
     seed: int = 0
     precision: str = "fp32"
-    """Compute precision: the device's peak for this dtype applies."""
+    """Compute precision: the device's peak for this dtype applies. ``fp16``/``bf16`` train in
+    mixed precision: 16-bit weights, activations and gradients, fp32 master weights and
+    optimizer state (and dynamic loss scaling with ``fp16``)."""
     optimizer: str = "sgd"
     compute: ComputeModel = field(default_factory=ComputeModel)
     collective_model: str = "auto"
     """"auto" takes the exact closed-form fast path where it applies; "stepped" never does."""
+    out_of_memory: str = "raise"
+    """When a rank needs more memory than its device has: ``raise`` an
+    :class:`~simulator.memory.OutOfMemoryError` before simulating, or ``report`` it (a
+    warning, and ``memory_fits`` False in the summary) and simulate anyway."""
     name: str = ""
 
     def __post_init__(self) -> None:
@@ -110,6 +117,8 @@ class Experiment:
             raise ValueError(
                 f"Experiment.collective_model must be one of {COLLECTIVE_MODELS}, got {self.collective_model!r}"
             )
+        if self.out_of_memory not in OUT_OF_MEMORY:
+            raise ValueError(f"Experiment.out_of_memory must be one of {OUT_OF_MEMORY}, got {self.out_of_memory!r}")
         object.__setattr__(self, "_run_cluster", self._place_hosts())
         check = getattr(self.strategy, "check", None)
         if callable(check):
@@ -167,7 +176,15 @@ class Experiment:
             node_of=tuple(cluster.node_of(r) for r in range(cluster.world_size)),
             accelerators=cluster.num_gpus,
             batch_sizes=sizes,
+            layer_shapes=tuple(layer.param_shapes for layer in self.workload.layers),
+            param_dtype=self.precision if self.precision in MIXED else "fp32",
         )
+
+    def memory(self):
+        """Bytes each rank needs at its peak, by component (a DataFrame; see :mod:`simulator.memory`)."""
+        from simulator.memory import memory_table
+
+        return memory_table(self)
 
     def replace(self, **changes) -> Experiment:
         return dataclasses.replace(self, **changes)
@@ -182,6 +199,7 @@ class Experiment:
             "precision": self.precision,
             "optimizer": self.optimizer,
             "collective_model": self.collective_model,
+            "out_of_memory": self.out_of_memory,
             "compute": self.compute.to_dict(),
             "workload": self.workload.to_dict(),
             "cluster": self.cluster.to_dict(),

@@ -20,6 +20,9 @@ schema:
   to the shard between the read and this application), read_time, time (of
   application), applied (False: dropped, e.g. a late backup worker's)
 * ``ranks``: rank, node, device, kind (gpu/host), peak_flops, bytes_sent
+* ``memory``: bytes each rank needs at its peak by component (params, grads,
+  optimizer_state, master_weights, activations, buffers), total, capacity,
+  fits (see :mod:`simulator.memory`)
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from simulator.memory import MEMORY_COLUMNS
 
 ITERATION_COLUMNS = ["rank", "iteration", "start", "end", "duration", "compute", "comm", "exposed_comm", "samples"]
 TIMELINE_COLUMNS = ["resource", "rank", "stream", "name", "start", "end", "iteration"]
@@ -49,6 +54,7 @@ class RunResult:
     links: pd.DataFrame
     ranks: pd.DataFrame
     updates: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=UPDATE_COLUMNS))
+    memory: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MEMORY_COLUMNS))
     stats: dict = field(default_factory=dict)
     """Run facts: makespan, wall_seconds, ops, flows, single_device_iteration_time, peak FLOP/s..."""
 
@@ -69,7 +75,7 @@ class RunResult:
         """Write every table as CSV, the summary and the experiment as JSON."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in ("iterations", "timeline", "links", "ranks", "updates"):
+        for name in ("iterations", "timeline", "links", "ranks", "updates", "memory"):
             getattr(self, name).to_csv(folder / f"{name}.csv", index=False)
         (folder / "summary.json").write_text(json.dumps(self.summary(), indent=1))
         (folder / "experiment.json").write_text(json.dumps(self.experiment, indent=1))
@@ -138,6 +144,7 @@ def build_result(sim, stats: dict) -> RunResult:
         links=links,
         ranks=ranks,
         updates=updates,
+        memory=sim.memory,
         stats=stats,
     )
 
@@ -182,6 +189,14 @@ def summarise(result: RunResult) -> dict:
         "network_utilisation": float(used["utilisation"].mean()) if len(used) else 0.0,
         "bytes_on_wire": float(result.ranks["bytes_sent"].sum()),
     }
+    mem = result.memory
+    if len(mem):
+        gpus_mem = mem[mem["kind"] == "gpu"]
+        summary.update(
+            peak_memory=float(gpus_mem["total"].max()),
+            peak_memory_fraction=float((gpus_mem["total"] / gpus_mem["capacity"]).max()),
+            memory_fits=bool(mem["fits"].all()),
+        )
     up = result.updates
     if len(up):
         applied = up[up["applied"]]

@@ -45,6 +45,25 @@ def _check_number(owner: str, name: str, value: Any, *, integral: bool = False) 
     return value
 
 
+def _check_shapes(layer) -> tuple[tuple[int, ...], ...]:
+    shapes = layer.param_shapes
+    bad = ValueError(f"Layer.param_shapes must be a list of shapes (lists of integers >= 0) whose elements "
+                     f"add up to params={layer.params}, got {shapes!r}")
+    if isinstance(shapes, str | bytes) or not hasattr(shapes, "__iter__"):
+        raise bad
+    out = []
+    for shape in shapes:
+        if isinstance(shape, str | bytes) or not hasattr(shape, "__iter__"):
+            raise bad
+        dims = tuple(shape)
+        if any(isinstance(d, bool) or not isinstance(d, numbers.Integral) or d < 0 for d in dims):
+            raise bad
+        out.append(tuple(int(d) for d in dims))
+    if out and sum(math.prod(d) for d in out) != layer.params:
+        raise bad
+    return tuple(out)
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Layer:
     """Cost of one layer (module) for one sample; counts, not bytes or seconds."""
@@ -65,6 +84,9 @@ class Layer:
     """Activation elements produced per sample (saved, or sent at a stage boundary)."""
     kernels: int = 1
     """Kernels launched in forward (backward is taken as about twice as many)."""
+    param_shapes: tuple[tuple[int, ...], ...] = ()
+    """Shapes of the parameter tensors the layer owns (empty: not known). Their elements add
+    up to ``params``; compressors that work on matrices (PowerSGD) need them."""
     fwd_time: float | None = None
     """Measured forward seconds for the calibration batch, filled in by calibration."""
     bwd_time: float | None = None
@@ -83,6 +105,7 @@ class Layer:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, _check_number("Layer", name, value))
+        object.__setattr__(self, "param_shapes", _check_shapes(self))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +174,8 @@ class Workload:
         return {
             "name": self.name,
             "sample_shape": list(self.sample_shape),
-            "layers": [asdict(layer) for layer in self.layers],
+            "layers": [{**asdict(layer), "param_shapes": [list(s) for s in layer.param_shapes]}
+                       for layer in self.layers],
             "calibration_batch": self.calibration_batch,
         }
 
@@ -263,7 +287,7 @@ class Workload:
             Layer(name=s.name, kind=s.kind, params=s.params,
                   fwd_flops=s.fwd_flops / batch_size, bwd_flops=s.bwd_flops / batch_size,
                   input_elems=s.input_elems / batch_size, output_elems=s.output_elems / batch_size,
-                  kernels=s.kernels)
+                  kernels=s.kernels, param_shapes=s.shapes)
             for s in stats
         )
         return cls(name=name, layers=layers, sample_shape=sample_shape)
@@ -307,6 +331,7 @@ class _Stat:
     output_elems: float = 0.0
     kernels: int = 0
     params: int = 0
+    shapes: tuple = ()
     computes: bool = False
 
 
@@ -451,6 +476,7 @@ def _trace(module: Any, args: tuple, *, on_meta: bool) -> list[_Stat]:
         own = list(module.get_submodule(path).parameters(recurse=False))
         s = stat(path)
         s.params = sum(p.numel() for p in own if id(p) not in counted)
+        s.shapes = tuple(tuple(p.shape) for p in own if id(p) not in counted)
         counted.update(id(p) for p in own)
         if own or s.computes:
             layers.append(s)

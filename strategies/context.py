@@ -35,6 +35,11 @@ class Job:
     """GPU ranks (the rest are host processes); ``None`` = every rank."""
     batch_sizes: tuple[int, ...] | None = None
     """Samples per iteration of each GPU rank (uneven data shards); ``None`` = ``batch_size`` each."""
+    layer_shapes: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+    """Shapes of each layer's parameter tensors (``None`` or an empty entry: not known)."""
+    param_dtype: str = "fp32"
+    """Element type of parameters and gradients on the GPUs: ``fp32``, or ``fp16``/``bf16``
+    in mixed precision (with fp32 master weights)."""
 
     def __post_init__(self) -> None:
         for field in ("world_size", "iterations", "batch_size"):
@@ -58,10 +63,35 @@ class Job:
                 f"Job.batch_sizes must be {self.accelerators} integers >= 1 (one per GPU rank), "
                 f"got {self.batch_sizes!r}"
             )
+        if self.param_dtype not in ("fp32", "fp16", "bf16"):
+            raise ValueError(f"Job.param_dtype must be one of ('fp32', 'fp16', 'bf16'), got {self.param_dtype!r}")
+        if self.layer_shapes is not None and len(self.layer_shapes) != len(self.layer_params):
+            raise ValueError(
+                f"Job.layer_shapes must have one entry per layer ({len(self.layer_params)}), "
+                f"got {len(self.layer_shapes)}"
+            )
 
     @property
     def num_layers(self) -> int:
         return len(self.layer_params)
+
+    def shapes(self, layers: tuple[int, int]) -> list[tuple[int, ...]]:
+        """Parameter shapes of layers ``[start, stop)``; a layer whose shapes are not known
+        counts as one vector of its parameters."""
+        known = self.layer_shapes
+        out = []
+        for i in range(*layers):
+            if known is not None and known[i]:
+                out.extend(known[i])
+            elif self.layer_params[i]:
+                out.append((self.layer_params[i],))
+        return out
+
+    def shapes_known(self, layers: tuple[int, int] | None = None) -> bool:
+        """Whether every layer with parameters in ``layers`` (default: all) has its shapes."""
+        a, b = layers or (0, self.num_layers)
+        known = self.layer_shapes
+        return all(not self.layer_params[i] or (known is not None and known[i]) for i in range(a, b))
 
     @property
     def hosts(self) -> range:
@@ -134,6 +164,12 @@ class RankContext:
 
     def optimizer_step(self, layers: tuple[int, int], *, fraction: float = 1.0):
         return ops.OptimizerStep(layers, fraction)
+
+    def encode(self, tensor: ops.TensorRef, compressor, round: int, cost):
+        return ops.Encode(tensor, compressor, round, cost)
+
+    def decode(self, tensor: ops.TensorRef, compressor, cost, *, payloads: int = 1):
+        return ops.Decode(tensor, compressor, cost, payloads)
 
     # point-to-point
     def send(self, dst: int, tensor: ops.TensorRef, *, tag: int = 0, async_op: bool = False,

@@ -9,16 +9,31 @@ ICLR 2020). With ``weighted`` each worker scales its parameters by its share of
 the samples before the sum (shares are known to every worker from the data
 sharding, so no extra message is needed); otherwise the average is plain.
 ``period=1`` is synchronous all-reduce of parameters.
+
+With ``compression`` a worker sends its model's change since the last average
+(as compressed local SGD does, e.g. Basu et al., "Qsparse-local-SGD",
+NeurIPS 2019), encoded by the compressor, and every worker adds the decoded
+average change to the last averaged model.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
 from strategies.bucketing import MIB, Bucket, assign_buckets
+from strategies.compression import Compressor
 from strategies.context import Job, RankContext
-from strategies.data_parallel import DTYPE_BYTES, _check_algorithm, _check_bucket_caps, idle
+from strategies.data_parallel import (
+    DTYPE_BYTES,
+    _check_algorithm,
+    _check_bucket_caps,
+    _check_dtype,
+    _set_compression,
+    check_compression,
+    idle,
+    strategy_dict,
+)
 from strategies.ops import TensorRef
 
 
@@ -36,8 +51,10 @@ class LocalSGD:
     """Average weighted by each worker's samples per iteration."""
     bucket_mb: float = 25.0
     first_bucket_mb: float = 1.0
-    param_dtype: str = "fp32"
-    """Element type the parameters travel in."""
+    param_dtype: str | None = None
+    """Element type the parameters travel in (``None``: the training precision's)."""
+    compression: Compressor | str | dict | None = None
+    """Compress the model change each worker sends (a compressor, its name or a table)."""
 
     def __post_init__(self) -> None:
         p = self.period
@@ -47,16 +64,31 @@ class LocalSGD:
         if not isinstance(self.weighted, bool):
             raise ValueError(f"LocalSGD.weighted must be true or false, got {self.weighted!r}")
         _check_bucket_caps(self)
-        if self.param_dtype not in DTYPE_BYTES:
-            raise ValueError(f"LocalSGD.param_dtype must be one of {tuple(DTYPE_BYTES)}, got {self.param_dtype!r}")
+        _check_dtype(self, "param_dtype")
+        _set_compression(self)
+
+    def check(self, job: Job) -> None:
+        check_compression(self, job)
+
+    def elem_bytes(self, job: Job) -> int:
+        return DTYPE_BYTES[self.param_dtype or job.param_dtype]
 
     def buckets(self, job: Job) -> tuple[Bucket, ...]:
         return assign_buckets(
             job.layer_params,
-            bytes_per_param=DTYPE_BYTES[self.param_dtype],
+            bytes_per_param=self.elem_bytes(job),
             bucket_bytes=self.bucket_mb * MIB,
             first_bucket_bytes=self.first_bucket_mb * MIB,
         )
+
+    def residency(self, job: Job, rank: int):
+        """The parameter buckets being averaged and, when compressing the change, the last
+        averaged model it is measured from, on top of the replicated model."""
+        from strategies.data_parallel import _bucket_memory
+        from strategies.residency import replicated
+
+        anchor = sum(job.layer_params) * self.elem_bytes(job) if self.compression is not None else 0.0
+        return replicated(job, rank, buffers=_bucket_memory(self, job) + anchor)
 
     def weight(self, job: Job, rank: int) -> float:
         """The factor a worker scales its parameters by before the all-reduce sum."""
@@ -69,6 +101,13 @@ class LocalSGD:
         tensors = [TensorRef(f"params[{b.index}]", b.nbytes, "params", b.layers) for b in buckets]
         group = None if not job.hosts else tuple(range(job.accelerators))
         period, algorithm = self.period, self.algorithm
+        exchange = None
+        if self.compression is not None:
+            from strategies.exchange import CompressedExchange
+
+            self.check(job)
+            exchange = CompressedExchange(self.compression, buckets, job, group=group,
+                                          elem_bytes=self.elem_bytes(job), role="params", algorithm=algorithm)
 
         def worker(ctx: RankContext):
             n = ctx.job.num_layers
@@ -78,10 +117,13 @@ class LocalSGD:
                 yield ctx.backward((0, n))
                 yield ctx.optimizer_step((0, n))
                 if (i + 1) % period == 0 or i == last:
+                    if exchange is not None:
+                        yield from exchange.exchange(ctx)
+                        continue
                     for tensor in tensors:
                         yield ctx.all_reduce(tensor, algorithm=algorithm, group=group)
 
         return [worker] * job.accelerators + [idle] * len(job.hosts)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self)}
+        return strategy_dict(self)

@@ -5,7 +5,8 @@ each op's result back from ``yield``. Two executors interpret them: the
 simulator (ops take simulated time) and realrun (ops do real torch work). The
 set is small and closed, and the names follow ``torch.distributed``:
 
-* compute: :class:`Forward`, :class:`Backward`, :class:`OptimizerStep`
+* compute: :class:`Forward`, :class:`Backward`, :class:`OptimizerStep`,
+  :class:`Encode`/:class:`Decode` (a compressor's work on gradients)
 * point-to-point: :class:`Send`, :class:`Recv`, :class:`RecvAny`
 * collectives: :class:`Collective` (``all_reduce``, ``reduce_scatter``,
   ``all_gather``, ``broadcast``, ``reduce``, ``all_to_all``) with an
@@ -30,8 +31,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-TensorRole = Literal["grads", "params", "activations", "activation_grads", "custom"]
-TENSOR_ROLES = ("grads", "params", "activations", "activation_grads", "custom")
+TensorRole = Literal["grads", "params", "activations", "activation_grads", "payload", "custom"]
+TENSOR_ROLES = ("grads", "params", "activations", "activation_grads", "payload", "custom")
+"""``payload``: what the last :class:`Encode` of the same ``layers`` produced (compressed gradients)."""
 
 COLLECTIVE_OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "all_to_all")
 
@@ -191,5 +193,35 @@ class Apply:
     dropped: tuple[Message, ...] = ()
 
 
-Op = Forward | Backward | OptimizerStep | Send | Recv | RecvAny | Collective | Wait | Apply
-COMPUTE_OPS = (Forward, Backward, OptimizerStep)
+@dataclass(frozen=True, slots=True)
+class Encode:
+    """Round ``round`` of compressing ``tensor`` (gradients of ``tensor.layers``) with ``compressor``
+    (a :class:`strategies.compression.Compressor`), on this rank's compute stream.
+
+    ``cost`` is the work the simulator charges (:class:`strategies.compression.Cost`);
+    realrun runs ``compressor.encode`` instead. The payloads it makes are what the next
+    collectives or sends of role ``payload`` for the same layers carry.
+    """
+
+    tensor: TensorRef
+    compressor: object
+    round: int
+    cost: object
+
+
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """Turn the received payloads of ``tensor`` back into averaged gradients (``compressor.decode``).
+
+    ``payloads`` is how many ranks' payloads are decoded (all-gather: the group size;
+    a parameter server: the gradients it applies).
+    """
+
+    tensor: TensorRef
+    compressor: object
+    cost: object
+    payloads: int = 1
+
+
+Op = Forward | Backward | OptimizerStep | Encode | Decode | Send | Recv | RecvAny | Collective | Wait | Apply
+COMPUTE_OPS = (Forward, Backward, OptimizerStep, Encode, Decode)

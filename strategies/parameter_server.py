@@ -37,15 +37,22 @@ Modes:
   ``c`` only once every worker has pushed at least ``c - staleness_bound``
   times, so no worker runs more than ``staleness_bound`` clocks ahead of the
   slowest. ``staleness_bound=0`` is a barrier every iteration.
+
+With ``compression`` a worker encodes each shard's gradient before pushing it
+(its payload is what travels) and the server decodes the gradients it applies
+on its own device before the update; parameters travel uncompressed.
+Compressors with more than one round (PowerSGD) need all-reduce between their
+rounds and are refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import ClassVar
 
+from strategies.compression import Compressor
 from strategies.context import Job, RankContext
-from strategies.data_parallel import DTYPE_BYTES
+from strategies.data_parallel import DTYPE_BYTES, _check_dtype, _set_compression, strategy_dict
 from strategies.ops import TensorRef
 from strategies.sharding import PARTITIONS, ParamShard, partition_params
 
@@ -76,10 +83,12 @@ class ParameterServer:
     server_device: str | dict = "cpu-socket"
     """Device the servers run on (their optimizer step is charged there): a catalogue
     name, or a table of a name plus overrides (``{"name": "cpu-socket", "mem_bandwidth": 400e9}``)."""
-    grad_dtype: str = "fp32"
-    """Element type of pushed gradients."""
-    param_dtype: str = "fp32"
-    """Element type of pulled parameters."""
+    grad_dtype: str | None = None
+    """Element type of pushed gradients (``None``: the training precision's)."""
+    param_dtype: str | None = None
+    """Element type of pulled parameters (``None``: the training precision's)."""
+    compression: Compressor | str | dict | None = None
+    """Compress pushed gradients (a compressor, its name or a table)."""
     overlap: bool = True
     """Push each shard as soon as backward has produced its gradients."""
 
@@ -105,8 +114,13 @@ class ParameterServer:
         if self.partition not in PARTITIONS:
             raise ValueError(f"ParameterServer.partition must be one of {PARTITIONS}, got {self.partition!r}")
         for field in ("grad_dtype", "param_dtype"):
-            if getattr(self, field) not in DTYPE_BYTES:
-                raise ValueError(f"ParameterServer.{field} must be one of {tuple(DTYPE_BYTES)}, got {getattr(self, field)!r}")
+            _check_dtype(self, field)
+        _set_compression(self)
+        if self.compression is not None and self.compression.rounds > 1:
+            raise ValueError(
+                f"ParameterServer.compression {self.compression.name!r} needs an all-reduce between its "
+                f"{self.compression.rounds} rounds; use it with AllReduceSGD or LocalSGD"
+            )
         if not (isinstance(self.server_device, str) and self.server_device) and not isinstance(self.server_device, dict):
             raise ValueError(
                 f"ParameterServer.server_device must be a catalogue device name or a table, got {self.server_device!r}"
@@ -142,19 +156,49 @@ class ParameterServer:
         except ValueError as exc:
             raise ValueError(f"ParameterServer: {exc}") from None
 
+    def residency(self, job: Job, rank: int):
+        """Workers: weights, gradients, activations and a receive buffer for pulled parameters
+        (no optimizer state: the servers step); with compression, each push's payload and
+        residual. Servers: their fp32 shard, its optimizer state, a gradient sum and a
+        receive buffer for one push from every worker."""
+        from strategies.residency import Residency
+
+        shards = self.shards(job)
+        g = DTYPE_BYTES[self.grad_dtype or job.param_dtype]
+        p = DTYPE_BYTES[self.param_dtype or job.param_dtype]
+        total = float(sum(job.layer_params))
+        if rank < job.accelerators:
+            buffers = total * p
+            if self.compression is not None:
+                codec = _Codec(self.compression, shards, [None] * len(shards), job, g)
+                buffers += sum(self.compression.memory_bytes(s, g, 1) for s in codec.shapes)
+            return Residency(params=total, grads=total, activations=(((0, job.num_layers), job.samples(rank)),),
+                             buffers=buffers)
+        shard = shards[rank - job.accelerators]
+        if self.compression is not None:
+            codec = _Codec(self.compression, [shard], [None], job, g)
+            push = codec.payloads[0].nbytes
+        else:
+            push = shard.size * g
+        return Residency(params=shard.size, grads=shard.size, optimizer=shard.size,
+                         buffers=job.accelerators * push, fp32=True)
+
     # programs
     def programs(self, job: Job) -> list:
         self.check(job)
         shards = self.shards(job)
         servers = tuple(job.hosts)
-        g, p = DTYPE_BYTES[self.grad_dtype], DTYPE_BYTES[self.param_dtype]
+        g = DTYPE_BYTES[self.grad_dtype or job.param_dtype]
+        p = DTYPE_BYTES[self.param_dtype or job.param_dtype]
         grads = [TensorRef(f"grads/shard{s.index}", s.size * g, "grads", s.layers, s.elements) for s in shards]
         params = [TensorRef(f"params/shard{s.index}", s.size * p, "params", s.layers, s.elements) for s in shards]
-        worker = self._worker(shards, servers, grads, params)
+        codec = None if self.compression is None else _Codec(self.compression, shards, grads, job, g)
+        pushed = grads if codec is None else codec.payloads
+        worker = self._worker(shards, servers, pushed, params, codec)
         server = {"sync": self._sync_server, "async": self._async_server, "ssp": self._ssp_server}[self.mode]
-        return [worker] * job.accelerators + [server(j, params[j]) for j in range(len(servers))]
+        return [worker] * job.accelerators + [server(j, params[j], codec) for j in range(len(servers))]
 
-    def _worker(self, shards, servers, grads, params):
+    def _worker(self, shards, servers, grads, params, codec=None):
         mode, overlap = self.mode, self.overlap
         backup = mode == "sync" and self.wait_for is not None
         # Push order: the shard whose first layer backward reaches first.
@@ -191,6 +235,8 @@ class ParameterServer:
                         if not completed:
                             break
                     meta = {"version": versions[j], "clock": i, "read_time": read_times[j], "samples": ctx.samples}
+                    if codec is not None:
+                        yield codec.encode(ctx, j)
                     pending.append((yield ctx.send(servers[j], grads[j], tag=PUSH, async_op=True, meta=meta)))
                     pushed = True
                 if pushed and pos > 0:  # layers before the first with parameters
@@ -219,7 +265,7 @@ class ParameterServer:
 
         return worker
 
-    def _sync_server(self, j: int, params: TensorRef):
+    def _sync_server(self, j: int, params: TensorRef, codec=None):
         def server(ctx: RankContext):
             workers = ctx.job.accelerators
             k = self.wait_for or workers
@@ -230,6 +276,8 @@ class ParameterServer:
                 while len(accepted) < k:
                     msg = yield from ledger.next_push(ctx, params)
                     (accepted if int(msg.get("clock")) == it else dropped).append(msg)
+                if codec is not None:
+                    yield codec.decode(ctx, j, len(accepted))
                 version = yield ctx.apply(j, params, accepted, dropped=dropped)
                 dropped = []
                 handles = []
@@ -247,7 +295,7 @@ class ParameterServer:
 
         return server
 
-    def _async_server(self, j: int, params: TensorRef):
+    def _async_server(self, j: int, params: TensorRef, codec=None):
         def server(ctx: RankContext):
             workers = ctx.job.accelerators
             target = ctx.job.iterations * workers
@@ -255,6 +303,8 @@ class ParameterServer:
             applied = 0
             pending = []
             while (msg := (yield from ledger.next_push(ctx, params))) is not None:
+                if codec is not None:
+                    yield codec.decode(ctx, j, 1)
                 version = yield ctx.apply(j, params, (msg,))
                 applied += 1
                 meta = {"version": version, "stop": int(applied >= target)}
@@ -264,7 +314,7 @@ class ParameterServer:
 
         return server
 
-    def _ssp_server(self, j: int, params: TensorRef):
+    def _ssp_server(self, j: int, params: TensorRef, codec=None):
         bound = self.staleness_bound
 
         def server(ctx: RankContext):
@@ -273,6 +323,8 @@ class ParameterServer:
             waiting: list[tuple[int, int]] = []  # (worker, the slowest clock it needs)
             sends = []
             while (msg := (yield from ledger.next_push(ctx, params))) is not None:
+                if codec is not None:
+                    yield codec.decode(ctx, j, 1)
                 version = yield ctx.apply(j, params, (msg,))
                 waiting.append((msg.src, clock[msg.src] - bound))  # the final read too: s = 0 ends on a barrier
                 slowest = min(clock)
@@ -289,7 +341,37 @@ class ParameterServer:
         return server
 
     def to_dict(self) -> dict:
-        return {"name": self.name, **asdict(self)}
+        return strategy_dict(self)
+
+
+class _Codec:
+    """A compressor applied to pushes: the payload each shard's push carries, the encode
+    work on the worker and the decode work on the server (for K gradients at once)."""
+
+    def __init__(self, compressor: Compressor, shards, grads, job: Job, elem_bytes: int):
+        self.compressor = compressor
+        self.grads = grads
+        self.elem_bytes = elem_bytes
+        self.shapes = []
+        for shard in shards:
+            a, b = shard.layers
+            whole = sum(job.layer_params[:a]) == shard.elements[0] and sum(job.layer_params[a:b]) == shard.size
+            self.shapes.append(job.shapes(shard.layers) if whole else [(shard.size,)])
+        self.plans = [compressor.plan(shapes, elem_bytes, 1) for shapes in self.shapes]
+        self.payloads = [
+            TensorRef(f"grads/shard{s.index}:payload", plan.wire_bytes, "payload", s.layers, s.elements)
+            for s, plan in zip(shards, self.plans, strict=True)
+        ]
+        self._decodes: dict[tuple[int, int], object] = {}
+
+    def encode(self, ctx: RankContext, j: int):
+        return ctx.encode(self.grads[j], self.compressor, 0, self.plans[j].rounds[0].encode)
+
+    def decode(self, ctx: RankContext, j: int, count: int):
+        cost = self._decodes.get((j, count))
+        if cost is None:
+            cost = self._decodes[(j, count)] = self.compressor.plan(self.shapes[j], self.elem_bytes, count).decode
+        return ctx.decode(self.grads[j], self.compressor, cost, payloads=count)
 
 
 class _Ledger:

@@ -1,0 +1,109 @@
+"""Device memory per rank: weights, gradients, optimizer state, master weights, activations, buffers.
+
+Each strategy states what a rank holds (:mod:`strategies.residency`); this
+module prices it with the experiment's precision and optimizer:
+
+* weights and gradients: 4 bytes per element in fp32/tf32; 2 in mixed
+  precision (``fp16``/``bf16``), which also keeps 4-byte fp32 master weights
+  for the elements the rank steps; a parameter server's shard is fp32;
+* optimizer state per stepped element: SGD none, momentum 4 bytes, Adam 8
+  (two fp32 moments), AdaGrad and RMSprop 4. Mixed-precision Adam is then
+  2 + 2 + 4 + 8 = 16 bytes per parameter (Micikevicius et al. 2018; Rajbhandari
+  et al., "ZeRO", SC 2020, section 3.1);
+* activations: every kept layer's output (what backward reads back: the next
+  layer's input), plus the input of the first kept layer, for the samples in
+  flight, in the compute dtype (2 bytes in mixed precision);
+* buffers: as the strategy states them.
+
+The peak is taken as the sum of these (all live at the start of backward),
+the same accounting as the ZeRO paper's. Allocator fragmentation, the CUDA
+context and workspace memory are not counted.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+
+from simulator import units
+from simulator.compute import MIXED
+
+OPTIMIZER_STATE_BYTES = {"sgd": 0, "momentum": 4, "adam": 8, "adagrad": 4, "rmsprop": 4}
+"""Bytes of optimizer state per parameter (fp32): momentum buffer, Adam's two moments, accumulators."""
+
+MEMORY_COLUMNS = ["rank", "kind", "device", "params", "grads", "optimizer_state", "master_weights",
+                  "activations", "buffers", "total", "capacity", "fits"]
+OUT_OF_MEMORY = ("raise", "report")
+
+
+class OutOfMemoryError(ValueError):
+    """An experiment needs more memory on a device than it has."""
+
+
+def memory_table(experiment) -> pd.DataFrame:
+    """Bytes each rank needs at its peak, by component, against its device's capacity."""
+    from strategies.residency import replicated
+
+    cluster = experiment.run_cluster
+    job = experiment.job()
+    strategy = experiment.strategy
+    state = getattr(strategy, "residency", None)
+    precision = experiment.precision
+    mixed = precision in MIXED
+    e = 2 if mixed else 4
+    opt_bytes = OPTIMIZER_STATE_BYTES[experiment.optimizer]
+    layers = experiment.workload.layers
+    out_prefix = np.concatenate(([0.0], np.cumsum([layer.output_elems for layer in layers])))
+    rows = []
+    for rank in range(cluster.world_size):
+        held = state(job, rank) if callable(state) else replicated(job, rank)
+        w = 4 if held.fp32 else e
+        acts = 0.0
+        for (a, b), samples in held.activations:
+            if b > a:
+                acts += samples * (out_prefix[b] - out_prefix[a] + layers[a].input_elems)
+        device = cluster.device_of(rank)
+        row = {
+            "rank": rank,
+            "kind": "host" if cluster.is_host(rank) else "gpu",
+            "device": device.name,
+            "params": held.params * w,
+            "grads": held.grads * w,
+            "optimizer_state": held.optimizer * opt_bytes,
+            "master_weights": held.optimizer * 4 if (mixed and not held.fp32) else 0.0,
+            "activations": acts * e,
+            "buffers": float(held.buffers),
+        }
+        row["total"] = sum(row[k] for k in ("params", "grads", "optimizer_state", "master_weights",
+                                            "activations", "buffers"))
+        row["capacity"] = float(device.mem_capacity)
+        row["fits"] = row["total"] <= row["capacity"]
+        rows.append(row)
+    return pd.DataFrame(rows, columns=MEMORY_COLUMNS)
+
+
+def _describe(row) -> str:
+    parts = ", ".join(
+        f"{name.replace('_', ' ')} {units.fmt_bytes(row[name])}"
+        for name in ("params", "grads", "optimizer_state", "master_weights", "activations", "buffers")
+        if row[name] > 0
+    )
+    return (f"rank {row['rank']} ({row['device']}) needs {units.fmt_bytes(row['total'])} "
+            f"({parts}) but has {units.fmt_bytes(row['capacity'])}")
+
+
+def check_memory(table: pd.DataFrame, policy: str, name: str = "") -> None:
+    """Raise :class:`OutOfMemoryError` (``policy="raise"``) or warn (``"report"``) when a rank
+    does not fit; the message names the device, the need by component and the capacity."""
+    over = table[~table["fits"]]
+    if over.empty:
+        return
+    worst = over.loc[(over["total"] / over["capacity"]).idxmax()]
+    label = f"experiment {name!r}: " if name else ""
+    others = f"; {len(over)} of {len(table)} ranks do not fit" if len(over) > 1 else ""
+    message = f"{label}out of memory: {_describe(worst)}{others}"
+    if policy == "raise":
+        raise OutOfMemoryError(message + " (Experiment.out_of_memory='report' simulates it anyway)")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
