@@ -293,12 +293,15 @@ class ComputeTimer:
         return t
 
     def cost_time(self, rank: int, cost) -> float:
-        """Noise-free seconds of a :class:`strategies.compression.Cost` on ``rank``'s device:
-        a roofline of its FLOPs (at the peak of its dtype, fp32 where the device has none)
-        and bytes, plus its kernel launches."""
+        """Noise-free seconds of a :class:`strategies.compression.Cost` on ``rank``'s device: a
+        roofline of its FLOPs (element-wise at the fp32 peak, matrix products at their dtype's,
+        fp32 where the device has none) and its bytes, plus its kernel launches."""
         device = self.devices[rank]
-        dtype = cost.dtype if cost.dtype in device.peak_flops else "fp32"
-        flops = cost.flops / (device.flops(dtype) * device.compute_efficiency)
+        eff = device.compute_efficiency
+        mm = cost.mm_dtype if cost.mm_dtype in device.peak_flops else "fp32"
+        flops = cost.flops / (device.flops("fp32") * eff)
+        if cost.mm_flops:
+            flops += cost.mm_flops / (device.flops(mm) * eff)
         mem = cost.bytes / (device.mem_bandwidth * device.memory_efficiency)
         return max(flops, mem) + cost.kernels * device.kernel_overhead
 

@@ -106,4 +106,4 @@ def check_memory(table: pd.DataFrame, policy: str, name: str = "") -> None:
     message = f"{label}out of memory: {_describe(worst)}{others}"
     if policy == "raise":
         raise OutOfMemoryError(message + " (Experiment.out_of_memory='report' simulates it anyway)")
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)  # at the caller of simulate()

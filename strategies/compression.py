@@ -37,23 +37,25 @@ ELEM_DTYPES = {4: "fp32", 2: "fp16"}
 
 @dataclass(frozen=True, slots=True)
 class Cost:
-    """Work a compute kernel sequence does: FLOPs, bytes through device memory, launches."""
+    """Work a sequence of kernels does: element-wise FLOPs (fp32), matrix-product FLOPs (in
+    ``mm_dtype``, which picks the device's peak), bytes through device memory, launches."""
 
     flops: float = 0.0
     bytes: float = 0.0
     kernels: int = 0
-    dtype: str = "fp32"
-    """Element type of the arithmetic (picks the device's peak FLOP/s)."""
+    mm_flops: float = 0.0
+    mm_dtype: str = "fp32"
 
     def __add__(self, other: Cost) -> Cost:
-        if self.dtype != other.dtype and self.flops and other.flops:
-            raise ValueError(f"cannot add costs in {self.dtype} and {other.dtype}")
-        dtype = self.dtype if self.flops else other.dtype
-        return Cost(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels, dtype)
+        if self.mm_flops and other.mm_flops and self.mm_dtype != other.mm_dtype:
+            raise ValueError(f"cannot add matrix products in {self.mm_dtype} and {other.mm_dtype}")
+        mm_dtype = self.mm_dtype if self.mm_flops else other.mm_dtype
+        return Cost(self.flops + other.flops, self.bytes + other.bytes, self.kernels + other.kernels,
+                    self.mm_flops + other.mm_flops, mm_dtype)
 
     @property
     def zero(self) -> bool:
-        return self.kernels == 0 and self.flops == 0 and self.bytes == 0
+        return self.kernels == 0 and self.flops == 0 and self.bytes == 0 and self.mm_flops == 0
 
 
 NO_COST = Cost()
@@ -435,14 +437,14 @@ class PowerSGD(Compressor):
         for m, c in mats:
             if not self.warm_start:
                 encode0 += Cost(c * r, 4 * c * r, 1)  # fresh random Q
-            encode0 += Cost(2 * m * c * r, e * (m * c + c * r + m * r), 1, mm)  # P = M Q
+            encode0 += Cost(0, e * (m * c + c * r + m * r), 1, 2 * m * c * r, mm)  # P = M Q
         encode1 = NO_COST
         for m, c in mats:
             encode1 += Cost(2 * m * r * r, e * m * r * (r + 1), 2 * r)  # Gram-Schmidt on P
-            encode1 += Cost(2 * m * c * r, e * (m * c + m * r + c * r), 1, mm)  # Q = M^T P
+            encode1 += Cost(0, e * (m * c + m * r + c * r), 1, 2 * m * c * r, mm)  # Q = M^T P
         decode = NO_COST
         for m, c in mats:
-            decode += Cost(2 * m * c * r, e * (m * r + c * r + m * c), 1, mm)  # M ~ P Q^T
+            decode += Cost(0, e * (m * r + c * r + m * c), 1, 2 * m * c * r, mm)  # M ~ P Q^T
         if self.error_feedback:
             decode += _error_feedback_update(n)
         if plain:

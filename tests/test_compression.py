@@ -259,3 +259,15 @@ def test_short_names():
     assert compressor_from_spec("fp16") == Cast("fp16")
     assert compressor_from_spec("bf16") == Cast("bf16")
     assert compressor_from_spec({"name": "topk"}) == TopK()
+
+
+def test_breakeven_reads_the_fastest_network_where_a_compressor_still_pays():
+    from experiments.compression_breakeven import breakeven
+
+    rows = [{"model": "m", "gpus": 8, "compressor": "c", "gbps": bw, "speedup": s}
+            for bw, s in ((1, 3.0), (10, 1.2), (25, 1.005), (100, 0.8))]
+    (row,) = breakeven(rows)
+    assert (row["pays_up_to_gbps"], row["first_loss_gbps"]) == (10, 25)
+    assert (row["speedup_at_slowest"], row["speedup_at_fastest"]) == (3.0, 0.8)
+    (never,) = breakeven([{**r, "speedup": 0.5} for r in rows])
+    assert never["pays_up_to_gbps"] is None and never["first_loss_gbps"] == 1

@@ -169,3 +169,20 @@ def test_mixed_precision_computes_at_the_tensor_core_rate():
     flops = 2 * 200_000 * 4096
     assert f16[1] - overhead == pytest.approx(flops / (dev.flops("fp16") * dev.compute_efficiency))
     assert f32[1] - overhead == pytest.approx(flops / (dev.flops("fp32") * dev.compute_efficiency))
+
+
+def test_cli_reports_out_of_memory_in_one_line(tmp_path, capsys):
+    from simulator.cli import main
+
+    w = small_workload()
+    path = tmp_path / "w.json"
+    path.write_text(w.to_json())
+    exp = tmp_path / "exp.toml"
+    exp.write_text(
+        'batch_size = 2\niterations = 1\n[workload]\npath = "w.json"\n'
+        '[cluster]\nnodes = 2\ngpu = "V100"\ngpu_mem_capacity = "1MiB"\n[strategy]\nname = "allreduce"\n'
+    )
+    assert main(["simulate", str(exp)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert err.startswith("clustersim: error:") and "out of memory" in err and "1 MiB" in err
