@@ -30,7 +30,8 @@ Wire formats (``n``: elements of the bucket flattened in order):
   gradient dtype, each list without the entries that would be empty.
 
 State keys (per bucket and rank): ``step`` (counted by :func:`decode`), ``rank`` (read by
-QSGD's generator, set by the executor), ``residual`` (fp32 error feedback), ``q`` (PowerSGD's
+QSGD's generator, set by the executor), ``world_size`` (set by the executor: the cast then
+divides before the sum, as DDP's ``fp16_compress_hook`` does, so fp16 sums cannot overflow), ``residual`` (fp32 error feedback), ``q`` (PowerSGD's
 warm-start matrices) and, between rounds of one step, ``_pending``.
 """
 
@@ -145,11 +146,15 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
 
 def _cast_encode(comp, round, tensors, state, received):
-    return [_flatten(tensors).to(_TORCH_DTYPES[comp.dtype])]
+    flat = _flatten(tensors).to(_TORCH_DTYPES[comp.dtype])
+    if "world_size" in state:  # divide before the sum, as fp16_compress_hook does: no fp16 overflow
+        flat = flat.div_(state["world_size"])
+    return [flat]
 
 
 def _cast_decode(comp, received, tensors, state, world_size):
-    avg = received[0].to(torch.float32) / world_size
+    summed = received[0].to(torch.float32)
+    avg = summed if "world_size" in state else summed / world_size
     return _unflatten(avg.to(_dtype(tensors)), tensors)
 
 

@@ -703,3 +703,20 @@ def test_bad_rounds_and_world_size():
         Cast().decode([torch.zeros(3, dtype=torch.float16)], [torch.zeros(3)], {"step": 0}, 0)
     with pytest.raises(ValueError):
         Cast().encode(0, [torch.zeros(3), torch.zeros(2, dtype=torch.float16)], {"step": 0})
+
+
+def test_cast_divides_before_the_sum_when_it_knows_the_world_size():
+    # four ranks at 30000 each: the fp16 sum (120000) overflows fp16's 65504 unless divided first
+    grads = [torch.full((8,), 30000.0)]
+    comp = Cast("fp16")
+    sums = {}
+    for known in (False, True):
+        states = [comp.new_state() for _ in range(4)]
+        if known:
+            for state in states:
+                state["world_size"] = 4
+        payloads = [comp.encode(0, grads, state) for state in states]
+        summed = [sum(p[0] for p in payloads[1:]) + payloads[0][0]]
+        sums[known] = comp.decode(summed, grads, states[0], 4)[0]
+    assert torch.isinf(sums[False]).all()
+    assert torch.equal(sums[True], torch.full((8,), 30000.0))
