@@ -32,9 +32,6 @@ from typing import ClassVar
 
 Shape = tuple[int, ...]
 
-ELEM_DTYPES = {4: "fp32", 2: "fp16"}
-
-
 @dataclass(frozen=True, slots=True)
 class Cost:
     """Work a sequence of kernels does: element-wise FLOPs (fp32), matrix-product FLOPs (in
@@ -479,7 +476,9 @@ def compressor_from_spec(spec, field: str = "compression") -> Compressor | None:
     spec = dict(spec)
     name = spec.pop("name", None)
     allowed = tuple(COMPRESSORS) + tuple(SHORT_NAMES)
-    if name in SHORT_NAMES and not spec:
+    if not isinstance(name, str) or name not in COMPRESSORS and not (name in SHORT_NAMES and not spec):
+        raise ValueError(f"{field}.name must be one of {allowed}, got {name!r}")
+    if name in SHORT_NAMES:
         return SHORT_NAMES[name]
     if name not in COMPRESSORS:
         raise ValueError(f"{field}.name must be one of {allowed}, got {name!r}")
@@ -490,8 +489,3 @@ def compressor_from_spec(spec, field: str = "compression") -> Compressor | None:
         raise ValueError(f"{field}: unknown field(s) {unknown} for {name!r}; allowed: {sorted(known)}")
     return cls(**spec)
 
-
-def bucket_shapes(layer_shapes, layers: tuple[int, int]) -> list[Shape]:
-    """The parameter shapes of layers ``[start, stop)``."""
-    a, b = layers
-    return [s for i in range(a, b) for s in layer_shapes[i]]

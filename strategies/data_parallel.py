@@ -22,7 +22,6 @@ from typing import ClassVar, Literal
 from strategies.bucketing import MIB, Bucket, assign_buckets
 from strategies.compression import Compressor, compressor_from_spec
 from strategies.context import Job, RankContext
-from strategies.ops import TensorRef
 
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 GradDtype = Literal["fp32", "fp16", "bf16"]
@@ -53,16 +52,46 @@ def check_compression(strategy, job: Job) -> None:
         )
 
 
-def _bucket_memory(strategy, job: Job) -> float:
-    """Bytes of a data-parallel strategy's bucket buffers and its compressor's buffers."""
-    buckets = strategy.buckets(job)
-    total = float(sum(b.nbytes for b in buckets))
-    comp = strategy.compression
-    if comp is not None:
-        p = job.accelerators
-        e = strategy.elem_bytes(job)
-        total += sum(comp.memory_bytes(job.shapes(b.layers), e, p) for b in buckets)
-    return total
+class Bucketed:
+    """What the bucketed data-parallel strategies share: DDP-style buckets of tensors in
+    ``dtype_field``'s element type (or the training precision's), a compressor check, and
+    the exchange that moves the buckets over the GPU ranks."""
+
+    dtype_field: ClassVar[str]
+    role: ClassVar[str]
+
+    def check(self, job: Job) -> None:
+        check_compression(self, job)
+
+    def elem_bytes(self, job: Job) -> int:
+        return DTYPE_BYTES[getattr(self, self.dtype_field) or job.param_dtype]
+
+    def buckets(self, job: Job) -> tuple[Bucket, ...]:
+        return assign_buckets(
+            job.layer_params,
+            bytes_per_param=self.elem_bytes(job),
+            bucket_bytes=self.bucket_mb * MIB,
+            first_bucket_bytes=self.first_bucket_mb * MIB,
+        )
+
+    def bucket_memory(self, job: Job) -> float:
+        """Bytes of the bucket buffers and of the compressor's buffers."""
+        buckets = self.buckets(job)
+        total = float(sum(b.nbytes for b in buckets))
+        comp = self.compression
+        if comp is not None:
+            e = self.elem_bytes(job)
+            total += sum(comp.memory_bytes(job.shapes(b.layers), e, job.accelerators) for b in buckets)
+        return total
+
+    def exchange(self, job: Job):
+        """The :class:`strategies.exchange.BucketExchange` of this job's buckets."""
+        from strategies.exchange import BucketExchange
+
+        self.check(job)
+        group = None if not job.hosts else tuple(range(job.accelerators))
+        return BucketExchange(self.compression, self.buckets(job), job, group=group,
+                              elem_bytes=self.elem_bytes(job), role=self.role, algorithm=self.algorithm)
 
 
 def strategy_dict(strategy) -> dict:
@@ -96,10 +125,12 @@ def idle(ctx: RankContext):
 
 
 @dataclass(frozen=True, kw_only=True)
-class AllReduceSGD:
+class AllReduceSGD(Bucketed):
     """Synchronous data parallel: DDP buckets, all-reduce, optimizer step."""
 
     name: ClassVar[str] = "allreduce"
+    dtype_field: ClassVar[str] = "grad_dtype"
+    role: ClassVar[str] = "grads"
 
     algorithm: str = "ring"
     """All-reduce algorithm, a name from ``strategies.collectives.ALGORITHMS['all_reduce']``."""
@@ -122,28 +153,8 @@ class AllReduceSGD:
         _check_dtype(self, "grad_dtype")
         _set_compression(self)
 
-    def check(self, job: Job) -> None:
-        check_compression(self, job)
-
-    def elem_bytes(self, job: Job) -> int:
-        return DTYPE_BYTES[self.grad_dtype or job.param_dtype]
-
-    def buckets(self, job: Job) -> tuple[Bucket, ...]:
-        return assign_buckets(
-            job.layer_params,
-            bytes_per_param=self.elem_bytes(job),
-            bucket_bytes=self.bucket_mb * MIB,
-            first_bucket_bytes=self.first_bucket_mb * MIB,
-        )
-
     def programs(self, job: Job) -> list:
-        buckets = self.buckets(job)
-        group = None if not job.hosts else tuple(range(job.accelerators))
-        if self.compression is None:
-            worker = self._worker(buckets, group)
-        else:
-            self.check(job)
-            worker = self._compressed_worker(buckets, job, group)
+        worker = self._worker(self.buckets(job), self.exchange(job))
         return [worker] * job.accelerators + [idle] * len(job.hosts)
 
     def residency(self, job: Job, rank: int):
@@ -151,13 +162,9 @@ class AllReduceSGD:
         of the replicated model."""
         from strategies.residency import replicated
 
-        return replicated(job, rank, buffers=_bucket_memory(self, job))
+        return replicated(job, rank, buffers=self.bucket_memory(job))
 
-    def _compressed_worker(self, buckets: tuple[Bucket, ...], job: Job, group: tuple[int, ...] | None):
-        from strategies.exchange import CompressedExchange
-
-        exchange = CompressedExchange(self.compression, buckets, job, group=group, elem_bytes=self.elem_bytes(job),
-                                      role="grads", algorithm=self.algorithm)
+    def _worker(self, buckets: tuple[Bucket, ...], exchange):
         overlap = self.overlap
 
         def worker(ctx: RankContext):
@@ -170,36 +177,11 @@ class AllReduceSGD:
                 for k, bucket in enumerate(buckets):
                     yield ctx.backward(bucket.layers)
                     if overlap:
-                        handles.append((yield from exchange.issue(ctx, k, 0)))
+                        handles.append((yield from exchange.issue(ctx, k)))
                 if overlap:
                     yield from exchange.complete(ctx, handles)
                 else:
                     yield from exchange.exchange(ctx)
-                yield ctx.optimizer_step((0, n))
-
-        return worker
-
-    def _worker(self, buckets: tuple[Bucket, ...], group: tuple[int, ...] | None = None):
-        algorithm, overlap = self.algorithm, self.overlap
-        tensors = [TensorRef(f"grads[{b.index}]", b.nbytes, "grads", b.layers) for b in buckets]
-
-        def worker(ctx: RankContext):
-            n = ctx.job.num_layers
-            for _ in ctx.iterations():
-                yield ctx.forward((0, n))
-                if not buckets:
-                    yield ctx.backward((0, n))
-                handles = []
-                for bucket, tensor in zip(buckets, tensors, strict=True):
-                    yield ctx.backward(bucket.layers)
-                    if overlap:
-                        handles.append((yield ctx.all_reduce(tensor, algorithm=algorithm, group=group, async_op=True)))
-                if overlap:
-                    for handle in handles:
-                        yield ctx.wait(handle)
-                else:
-                    for tensor in tensors:
-                        yield ctx.all_reduce(tensor, algorithm=algorithm, group=group)
                 yield ctx.optimizer_step((0, n))
 
         return worker

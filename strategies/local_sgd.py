@@ -21,27 +21,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from strategies.bucketing import MIB, Bucket, assign_buckets
 from strategies.compression import Compressor
 from strategies.context import Job, RankContext
 from strategies.data_parallel import (
-    DTYPE_BYTES,
+    Bucketed,
     _check_algorithm,
     _check_bucket_caps,
     _check_dtype,
     _set_compression,
-    check_compression,
     idle,
     strategy_dict,
 )
-from strategies.ops import TensorRef
 
 
 @dataclass(frozen=True, kw_only=True)
-class LocalSGD:
+class LocalSGD(Bucketed):
     """Periodic model averaging by all-reduce."""
 
     name: ClassVar[str] = "local_sgd"
+    dtype_field: ClassVar[str] = "param_dtype"
+    role: ClassVar[str] = "params"
 
     period: int = 8
     """H: local steps between averages."""
@@ -67,28 +66,13 @@ class LocalSGD:
         _check_dtype(self, "param_dtype")
         _set_compression(self)
 
-    def check(self, job: Job) -> None:
-        check_compression(self, job)
-
-    def elem_bytes(self, job: Job) -> int:
-        return DTYPE_BYTES[self.param_dtype or job.param_dtype]
-
-    def buckets(self, job: Job) -> tuple[Bucket, ...]:
-        return assign_buckets(
-            job.layer_params,
-            bytes_per_param=self.elem_bytes(job),
-            bucket_bytes=self.bucket_mb * MIB,
-            first_bucket_bytes=self.first_bucket_mb * MIB,
-        )
-
     def residency(self, job: Job, rank: int):
         """The parameter buckets being averaged and, when compressing the change, the last
         averaged model it is measured from, on top of the replicated model."""
-        from strategies.data_parallel import _bucket_memory
         from strategies.residency import replicated
 
         anchor = sum(job.layer_params) * self.elem_bytes(job) if self.compression is not None else 0.0
-        return replicated(job, rank, buffers=_bucket_memory(self, job) + anchor)
+        return replicated(job, rank, buffers=self.bucket_memory(job) + anchor)
 
     def weight(self, job: Job, rank: int) -> float:
         """The factor a worker scales its parameters by before the all-reduce sum."""
@@ -97,17 +81,7 @@ class LocalSGD:
         return 1.0 / job.accelerators
 
     def programs(self, job: Job) -> list:
-        buckets = self.buckets(job)
-        tensors = [TensorRef(f"params[{b.index}]", b.nbytes, "params", b.layers) for b in buckets]
-        group = None if not job.hosts else tuple(range(job.accelerators))
-        period, algorithm = self.period, self.algorithm
-        exchange = None
-        if self.compression is not None:
-            from strategies.exchange import CompressedExchange
-
-            self.check(job)
-            exchange = CompressedExchange(self.compression, buckets, job, group=group,
-                                          elem_bytes=self.elem_bytes(job), role="params", algorithm=algorithm)
+        period, exchange = self.period, self.exchange(job)
 
         def worker(ctx: RankContext):
             n = ctx.job.num_layers
@@ -117,11 +91,7 @@ class LocalSGD:
                 yield ctx.backward((0, n))
                 yield ctx.optimizer_step((0, n))
                 if (i + 1) % period == 0 or i == last:
-                    if exchange is not None:
-                        yield from exchange.exchange(ctx)
-                        continue
-                    for tensor in tensors:
-                        yield ctx.all_reduce(tensor, algorithm=algorithm, group=group)
+                    yield from exchange.exchange(ctx)
 
         return [worker] * job.accelerators + [idle] * len(job.hosts)
 
