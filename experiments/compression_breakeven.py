@@ -157,7 +157,7 @@ def plot(rows: list[dict], path: Path) -> Path:
             if j == 0:
                 ax.set_ylabel("speed-up over no compression")
     axes[0][0].legend(fontsize="small")
-    fig.suptitle("Gradient compression with DDP overlap: above 1 it pays, below it costs")
+    fig.suptitle("Gradient compression with DDP overlap:\nabove 1 it pays, below it costs")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
