@@ -172,8 +172,14 @@ class ComputeModel:
         raise ValueError(f"compute.noise_cv={cv} leaves almost no positive normal draws; use lognormal")
 
 
-def layer_times(workload, device, precision: str, samples: int) -> tuple[np.ndarray, np.ndarray]:
-    """Forward and backward seconds of every layer for a batch of ``samples``."""
+def layer_times(workload, device, precision: str, samples: int, tp: int = 1,
+                sequence_parallel: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Forward and backward seconds of every layer for a batch of ``samples``.
+
+    With tensor parallelism of degree ``tp`` each layer's FLOPs, parameters and activations
+    shrink by its role's split (:func:`strategies.tensor_parallel.split_factors`); kernel
+    launches stay as many.
+    """
     if precision not in PRECISION_BYTES:
         raise ValueError(f"precision must be one of {tuple(PRECISION_BYTES)}, got {precision!r}")
     e = PRECISION_BYTES[precision]
@@ -183,14 +189,23 @@ def layer_times(workload, device, precision: str, samples: int) -> tuple[np.ndar
     n = len(workload.layers)
     fwd = np.empty(n)
     bwd = np.empty(n)
+    if tp > 1:
+        from strategies.tensor_parallel import split_factors
+
+        splits = [split_factors(role, tp, sequence_parallel) for role in workload.tp_roles]
     for i, layer in enumerate(workload.layers):
+        work, fpar, fin, fout = splits[i] if tp > 1 else (1.0, 1.0, 1.0, 1.0)
         if layer.fwd_time is not None and layer.bwd_time is not None:
-            fwd[i], bwd[i] = _measured(workload, layer, samples)
+            f, b = _measured(workload, layer, samples)
+            fwd[i], bwd[i] = f * work, b * work
             continue
-        f_bytes = e * (layer.params + samples * (layer.input_elems + layer.output_elems))
-        b_bytes = e * (2 * layer.params + samples * (layer.output_elems + 2 * layer.input_elems))
-        fwd[i] = max(layer.fwd_flops * samples / peak, f_bytes / bw) + layer.kernels * overhead
-        bwd[i] = max(layer.bwd_flops * samples / peak, b_bytes / bw) + 2 * layer.kernels * overhead
+        params = layer.params * fpar
+        inp = layer.input_elems * fin
+        out = layer.output_elems * fout
+        f_bytes = e * (params + samples * (inp + out))
+        b_bytes = e * (2 * params + samples * (out + 2 * inp))
+        fwd[i] = max(layer.fwd_flops * work * samples / peak, f_bytes / bw) + layer.kernels * overhead
+        bwd[i] = max(layer.bwd_flops * work * samples / peak, b_bytes / bw) + 2 * layer.kernels * overhead
     return fwd, bwd
 
 
@@ -258,17 +273,19 @@ class ComputeTimer:
         self._per_iteration = model.scope == "iteration"
         self._drawn: dict[int, tuple[int, float]] = {}  # rank -> (iteration, its draw)
 
-    def _sums(self, device, samples: int):
-        key = (id(device), samples)
+    def _sums(self, device, samples: int, tp: int = 1, sequence_parallel: bool = False):
+        key = (id(device), samples, tp, sequence_parallel)
         entry = self._prefix.get(key)
         if entry is None:
-            fwd, bwd = layer_times(self.workload, device, self.precision, samples)
+            fwd, bwd = layer_times(self.workload, device, self.precision, samples, tp, sequence_parallel)
             sums = (np.concatenate(([0.0], np.cumsum(fwd))), np.concatenate(([0.0], np.cumsum(bwd))))
             entry = self._prefix[key] = (device, sums)  # holds device, so its id() stays unique
         return entry[1]
 
-    def base_time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0) -> float:
-        """Noise-free seconds of a compute op on ``rank``'s device."""
+    def base_time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0,
+                  tp: int = 1, sequence_parallel: bool = False) -> float:
+        """Noise-free seconds of a compute op on ``rank``'s device (``tp``: the tensor-parallel
+        degree its layers are split by)."""
         device = self.devices[rank]
         a, b = span
         if kind == "optimizer_step":
@@ -277,7 +294,7 @@ class ComputeTimer:
             if not params:
                 return 0.0
             return optimizer_time(params, device, self.optimizer, kernels=kernels, precision=self.precision)
-        fwd, bwd = self._sums(device, samples)
+        fwd, bwd = self._sums(device, samples, tp, sequence_parallel)
         sums = fwd if kind == "forward" else bwd
         return float(sums[b] - sums[a])
 
@@ -306,9 +323,10 @@ class ComputeTimer:
         return max(flops, mem) + cost.kernels * device.kernel_overhead
 
     def time(self, rank: int, kind: str, span: tuple[int, int], samples: int, fraction: float = 1.0,
-             *, now: float = 0.0, iteration: int = -1) -> float:
+             *, now: float = 0.0, iteration: int = -1, tp: int = 1, sequence_parallel: bool = False) -> float:
         """Seconds a compute op that ``rank`` starts at ``now`` takes, noise and slowdowns included."""
-        return self.scale(rank, self.base_time(rank, kind, span, samples, fraction), now=now, iteration=iteration)
+        base = self.base_time(rank, kind, span, samples, fraction, tp, sequence_parallel)
+        return self.scale(rank, base, now=now, iteration=iteration)
 
     def scale(self, rank: int, t: float, *, now: float = 0.0, iteration: int = -1) -> float:
         """``t`` model seconds on ``rank`` with its straggler factor, slowdowns and noise."""

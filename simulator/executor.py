@@ -2,8 +2,10 @@
 
 Each rank's program is driven by one process. Compute ops hold the rank's
 compute stream (the program itself) for the compute model's time. Collectives
-go onto the rank's communication stream in issue order (as on a NCCL stream):
-a collective starts once every member has reached it on its own stream, then
+go onto the rank's communication stream of their group in issue order (as
+PyTorch's NCCL process groups keep one stream per group and device, so the
+collectives of different groups, tensor- and data-parallel say, overlap): a
+collective starts once every member has reached it on its own stream, then
 its step schedule runs on the flow-level network; ``async_op`` returns a
 handle at once and ``Wait`` blocks on it. Point-to-point sends are flows that
 deliver a message to the receiver's mailbox; ``Recv`` matches source and tag,
@@ -108,7 +110,7 @@ class _Simulation:
         self._compute_acc = [0.0] * world
         self._comm_acc = [0.0] * world
         self._samples_acc = [0] * world
-        self._comm_tail: list[simpy.Event | None] = [None] * world
+        self._comm_tail: dict[tuple[int, int], simpy.Event] = {}  # (rank, group) -> its stream's last op
         self._coll_seq: dict[tuple[int, int], int] = {}
         self._group_ids: dict[tuple[int, ...], int] = {}
         self._group_by_object: dict[int, tuple[tuple[int, ...], int]] = {}
@@ -215,8 +217,10 @@ class _Simulation:
                     name = kind
                     cancel = ()
                 else:
-                    dur = timer.time(rank, kind, op.segment, op.samples, now=env.now, iteration=it)
-                    name = f"{kind}[{op.segment[0]}:{op.segment[1]}]"
+                    tp = 1 if op.tp_group is None else len(op.tp_group)
+                    dur = timer.time(rank, kind, op.segment, op.samples, now=env.now, iteration=it, tp=tp,
+                                     sequence_parallel=op.sequence_parallel)
+                    name = f"{'recompute' if kind == 'forward' and op.recompute else kind}[{op.segment[0]}:{op.segment[1]}]"
                     cancel = op.cancel_on
                 start = env.now
                 if cancel:
@@ -234,7 +238,8 @@ class _Simulation:
                     value = True
                 spans.append((rank, "compute", name, start, env.now, it))
                 self._compute_acc[rank] += env.now - start
-                if value and kind == "forward" and op.segment[0] == 0:
+                if value and kind == "forward" and op.segment[0] == 0 and not op.recompute and (
+                        op.tp_group is None or op.tp_group[0] == rank):
                     self._samples_acc[rank] += op.samples
             elif type(op) is Encode or type(op) is Decode:
                 it = self._iteration[rank]
@@ -345,8 +350,8 @@ class _Simulation:
                 f"of {inst.op.tensor.nbytes} bytes"
             )
         event = inst.events[local]
-        prev = self._comm_tail[rank]
-        self._comm_tail[rank] = event
+        prev = self._comm_tail.get(key)
+        self._comm_tail[key] = event
         if prev is None or prev.processed:
             self._arrive(inst)
         else:

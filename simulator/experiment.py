@@ -168,6 +168,7 @@ class Experiment:
 
         cluster = self.run_cluster
         sizes = self.batch_sizes
+        layers = self.workload.layers
         return Job(
             world_size=cluster.world_size,
             iterations=self.iterations,
@@ -178,7 +179,20 @@ class Experiment:
             batch_sizes=sizes,
             layer_shapes=tuple(layer.param_shapes for layer in self.workload.layers),
             param_dtype=self.precision if self.precision in MIXED else "fp32",
+            layer_names=tuple(layer.name for layer in layers),
+            layer_tp=self.workload.tp_roles,
+            layer_inputs=tuple(layer.input_elems for layer in layers),
+            layer_outputs=tuple(layer.output_elems for layer in layers),
+            layer_costs=self._layer_costs(cluster, sizes[0]),
         )
+
+    def _layer_costs(self, cluster, samples: int) -> tuple[float, ...]:
+        """Forward plus backward seconds per sample of each layer on the first GPU (roofline or
+        measured), at the per-rank batch."""
+        from simulator.compute import layer_times
+
+        fwd, bwd = layer_times(self.workload, cluster.device_of(0), self.precision, samples)
+        return tuple(float(x) / samples for x in fwd + bwd)
 
     def memory(self):
         """Bytes each rank needs at its peak, by component (a DataFrame; see :mod:`simulator.memory`)."""

@@ -55,7 +55,24 @@ def memory_table(experiment) -> pd.DataFrame:
     e = 2 if mixed else 4
     opt_bytes = OPTIMIZER_STATE_BYTES[experiment.optimizer]
     layers = experiment.workload.layers
-    out_prefix = np.concatenate(([0.0], np.cumsum([layer.output_elems for layer in layers])))
+    prefixes: dict = {}
+
+    def kept(a: int, b: int, tp: int, sp: bool) -> float:
+        """Activation elements per sample kept for layers [a, b): outputs and the first input."""
+        key = (tp, sp)
+        if key not in prefixes:
+            if tp > 1:
+                from strategies.tensor_parallel import split_factors
+
+                f = [split_factors(role, tp, sp) for role in experiment.workload.tp_roles]
+            else:
+                f = [(1.0, 1.0, 1.0, 1.0)] * len(layers)
+            outs = [layer.output_elems * f[i][3] for i, layer in enumerate(layers)]
+            prefixes[key] = (np.concatenate(([0.0], np.cumsum(outs))),
+                             [layer.input_elems * f[i][2] for i, layer in enumerate(layers)])
+        out_prefix, first_input = prefixes[key]
+        return out_prefix[b] - out_prefix[a] + first_input[a]
+
     rows = []
     for rank in range(cluster.world_size):
         held = state(job, rank) if callable(state) else replicated(job, rank)
@@ -63,7 +80,9 @@ def memory_table(experiment) -> pd.DataFrame:
         acts = 0.0
         for (a, b), samples in held.activations:
             if b > a:
-                acts += samples * (out_prefix[b] - out_prefix[a] + layers[a].input_elems)
+                acts += samples * kept(a, b, held.tp, held.sequence_parallel)
+        for layer, samples in held.activation_inputs:
+            acts += samples * kept(layer, layer, held.tp, held.sequence_parallel)
         device = cluster.device_of(rank)
         row = {
             "rank": rank,

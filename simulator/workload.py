@@ -87,6 +87,10 @@ class Layer:
     param_shapes: tuple[tuple[int, ...], ...] = ()
     """Shapes of the parameter tensors the layer owns (empty: not known). Their elements add
     up to ``params``; compressors that work on matrices (PowerSGD) need them."""
+    tp_role: str = ""
+    """How tensor parallelism splits the layer: ``column``, ``row``, ``inner``, ``vocab``,
+    ``head`` or ``replicated`` (see :mod:`strategies.tensor_parallel`); empty: inferred from
+    the name and kind."""
     fwd_time: float | None = None
     """Measured forward seconds for the calibration batch, filled in by calibration."""
     bwd_time: float | None = None
@@ -106,6 +110,10 @@ class Layer:
             if value is not None:
                 object.__setattr__(self, name, _check_number("Layer", name, value))
         object.__setattr__(self, "param_shapes", _check_shapes(self))
+        from strategies.tensor_parallel import TP_ROLES
+
+        if self.tp_role != "" and self.tp_role not in TP_ROLES:
+            raise ValueError(f"Layer.tp_role must be one of {TP_ROLES} or '' (inferred), got {self.tp_role!r}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +164,19 @@ class Workload:
     def params(self) -> int:
         """Parameter elements of the whole model."""
         return sum(layer.params for layer in self.layers)
+
+    @property
+    def tp_roles(self) -> tuple[str, ...]:
+        """Each layer's tensor-parallel role: its ``tp_role``, or the one its name and kind imply."""
+        cached = self.__dict__.get("_tp_roles")
+        if cached is None:
+            from strategies.tensor_parallel import infer_roles
+
+            layers = self.layers
+            cached = infer_roles([x.name for x in layers], [x.kind for x in layers],
+                                 [x.params for x in layers], [x.tp_role for x in layers])
+            object.__setattr__(self, "_tp_roles", cached)
+        return cached
 
     @property
     def fwd_flops(self) -> float:

@@ -4,10 +4,12 @@ from strategies.bucketing import Bucket, assign_buckets
 from strategies.context import Job, Program, RankContext
 from strategies.data_parallel import AllReduceSGD
 from strategies.local_sgd import LocalSGD
+from strategies.model_parallel import Hybrid, PipelineParallel, TensorParallel, ZeRO
 from strategies.parameter_server import ParameterServer
 from strategies.sharding import ParamShard, partition_params, split_batch
 
-STRATEGIES = {cls.name: cls for cls in (AllReduceSGD, ParameterServer, LocalSGD)}
+STRATEGIES = {cls.name: cls for cls in (AllReduceSGD, ParameterServer, LocalSGD, Hybrid, PipelineParallel,
+                                         TensorParallel, ZeRO)}
 
 
 def strategy_from_dict(spec: dict):
@@ -30,6 +32,10 @@ def strategy_from_dict(spec: dict):
 
 __all__ = [
     "AllReduceSGD",
+    "Hybrid",
+    "PipelineParallel",
+    "TensorParallel",
+    "ZeRO",
     "LocalSGD",
     "ParamShard",
     "ParameterServer",

@@ -40,6 +40,17 @@ class Job:
     param_dtype: str = "fp32"
     """Element type of parameters and gradients on the GPUs: ``fp32``, or ``fp16``/``bf16``
     in mixed precision (with fp32 master weights)."""
+    layer_names: tuple[str, ...] | None = None
+    """Each layer's name (for messages)."""
+    layer_tp: tuple[str, ...] | None = None
+    """Each layer's tensor-parallel role (:mod:`strategies.tensor_parallel`); ``None``: all replicated."""
+    layer_inputs: tuple[float, ...] | None = None
+    """Activation elements each layer reads per sample."""
+    layer_outputs: tuple[float, ...] | None = None
+    """Activation elements each layer produces per sample (what crosses a pipeline cut after it)."""
+    layer_costs: tuple[float, ...] | None = None
+    """Relative compute cost of each layer (forward plus backward seconds per sample on the
+    first GPU), what pipeline stages are balanced by; ``None``: balance by parameters."""
 
     def __post_init__(self) -> None:
         for field in ("world_size", "iterations", "batch_size"):
@@ -65,11 +76,12 @@ class Job:
             )
         if self.param_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"Job.param_dtype must be one of ('fp32', 'fp16', 'bf16'), got {self.param_dtype!r}")
-        if self.layer_shapes is not None and len(self.layer_shapes) != len(self.layer_params):
-            raise ValueError(
-                f"Job.layer_shapes must have one entry per layer ({len(self.layer_params)}), "
-                f"got {len(self.layer_shapes)}"
-            )
+        for field in ("layer_shapes", "layer_names", "layer_tp", "layer_inputs", "layer_outputs", "layer_costs"):
+            value = getattr(self, field)
+            if value is not None and len(value) != len(self.layer_params):
+                raise ValueError(
+                    f"Job.{field} must have one entry per layer ({len(self.layer_params)}), got {len(value)}"
+                )
 
     @property
     def num_layers(self) -> int:
@@ -153,14 +165,14 @@ class RankContext:
         return tuple(cancel_on) if isinstance(cancel_on, list | tuple) else (cancel_on,)
 
     def forward(self, segment: tuple[int, int], *, samples: int | None = None, micro_batch: int = 0,
-                cancel_on=None):
+                cancel_on=None, tp_group=None, sequence_parallel: bool = False, recompute: bool = False):
         return ops.Forward(segment, self.samples if samples is None else samples, micro_batch,
-                           self._handles(cancel_on))
+                           self._handles(cancel_on), tp_group, sequence_parallel, recompute)
 
     def backward(self, segment: tuple[int, int], *, samples: int | None = None, micro_batch: int = 0,
-                 cancel_on=None):
+                 cancel_on=None, tp_group=None, sequence_parallel: bool = False):
         return ops.Backward(segment, self.samples if samples is None else samples, micro_batch,
-                            self._handles(cancel_on))
+                            self._handles(cancel_on), tp_group, sequence_parallel)
 
     def optimizer_step(self, layers: tuple[int, int], *, fraction: float = 1.0):
         return ops.OptimizerStep(layers, fraction)

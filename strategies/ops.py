@@ -71,13 +71,24 @@ class TensorRef:
 
 @dataclass(frozen=True, slots=True)
 class Forward:
-    """Forward pass of layers ``segment = [start, stop)`` for one micro-batch."""
+    """Forward pass of layers ``segment = [start, stop)`` for one micro-batch.
+
+    With ``tp_group`` the layers are split across those ranks, Megatron-style
+    (:mod:`strategies.tensor_parallel`): this rank holds and computes its share
+    (its index in the group) of each split layer; ``sequence_parallel`` splits the
+    replicated layers' tokens too. The ranks of a group see the same samples,
+    which count once (for the group's first rank) in throughput.
+    """
 
     segment: tuple[int, int]
     samples: int
     micro_batch: int = 0
     cancel_on: tuple = ()
     """Handles whose completion abandons the op (see the module docstring)."""
+    tp_group: tuple[int, ...] | None = None
+    sequence_parallel: bool = False
+    recompute: bool = False
+    """Re-run for backward (activation checkpointing): keeps nothing, counts no samples."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +99,9 @@ class Backward:
     samples: int
     micro_batch: int = 0
     cancel_on: tuple = ()
+    tp_group: tuple[int, ...] | None = None
+    """As :class:`Forward`'s."""
+    sequence_parallel: bool = False
 
 
 @dataclass(frozen=True, slots=True)

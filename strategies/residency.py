@@ -26,10 +26,15 @@ class Residency:
     """Elements whose optimizer state (and, in mixed precision, fp32 master weights) this rank keeps."""
     activations: tuple[tuple[tuple[int, int], int], ...] = ()
     """``((first, stop), samples)``: activations of layers ``[first, stop)`` kept for ``samples`` samples."""
+    activation_inputs: tuple[tuple[int, int], ...] = ()
+    """``(layer, samples)``: the input of ``layer`` kept for ``samples`` samples (checkpoints)."""
     buffers: float = 0.0
     """Bytes of communication buffers (buckets, payloads, receive buffers, error-feedback residuals)."""
     fp32: bool = False
     """Weights and gradients held in fp32 whatever the precision (a parameter server's shard)."""
+    tp: int = 1
+    """Tensor-parallel degree: each kept layer's activations shrink by its role's split."""
+    sequence_parallel: bool = False
 
 
 def replicated(job: Job, rank: int, *, buffers: float = 0.0) -> Residency:

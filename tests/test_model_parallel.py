@@ -1,0 +1,330 @@
+"""Pipeline, tensor and hybrid parallelism and ZeRO against closed-form results.
+
+Expected values come from the schedules' published formulas (GPipe/1F1B:
+(m + p - 1)(t_f + t_b), bubble (p - 1)/(m + p - 1); interleaved: bubble / v,
+Narayanan et al. SC 2021), Megatron-LM's communication per transformer layer
+(Shoeybi et al. 2019: two all-reduces of b·s·h in forward, two in backward),
+the ring collectives' bytes (2(t-1)/t·N per all-reduce) and the ZeRO paper's
+memory per device ((2 + 2 + K)·Ψ, (2 + 2 + K/N)·Ψ, (2 + (2 + K)/N)·Ψ,
+(2 + 2 + K)·Ψ/N with K = 12 for mixed-precision Adam).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from simulator import Cluster, Experiment, Workload, simulate
+from simulator.compute import layer_times
+from simulator.hardware import LinkSpec
+from simulator.workload import Layer
+from strategies import Hybrid, PipelineParallel, TensorParallel, ZeRO
+from strategies.pipeline import balance, checkpoint_units, in_flight, schedule
+
+FWD, BWD, CAL = 0.4, 0.8, 8  # whole-model seconds at the calibration batch
+
+
+def uniform(n: int, params: int = 0, out: float = 0.0) -> Workload:
+    """``n`` identical layers with measured times; no parameters: no optimizer or gradient cost."""
+    layers = tuple(Layer(name=f"l{i}", kind="Linear", params=params, fwd_flops=1.0, bwd_flops=1.0,
+                         input_elems=out, output_elems=out, fwd_time=FWD / n, bwd_time=BWD / n)
+                   for i in range(n))
+    return Workload(name="uniform", layers=layers, calibration_batch=CAL)
+
+
+def free_network(nodes: int, gpus: int = 1) -> Cluster:
+    return Cluster.homogeneous(nodes=nodes, gpus_per_node=gpus,
+                               intra=LinkSpec(name="free", bandwidth=1e18, latency=0.0),
+                               inter=LinkSpec(name="free", bandwidth=1e18, latency=0.0))
+
+
+def periods(r) -> list[float]:
+    """Each iteration's time for the whole pipeline: from the previous iteration's last end
+    (0 for the first) to this one's last end on any rank (every schedule flushes)."""
+    ends = r.iterations.groupby("iteration")["end"].max().sort_index().tolist()
+    return [b - a for a, b in zip([0.0, *ends], ends)]
+
+
+def pipeline_run(p: int, m: int, sched: str, v: int = 1):
+    exp = Experiment(workload=uniform(p * v), cluster=free_network(p), batch_size=CAL * m, iterations=2,
+                     strategy=PipelineParallel(pp=p, micro_batches=m, schedule=sched, chunks=v), optimizer="sgd")
+    return exp, simulate(exp)
+
+
+@pytest.mark.parametrize("sched", ["gpipe", "1f1b"])
+@pytest.mark.parametrize(("p", "m"), [(2, 1), (2, 6), (4, 4), (4, 8), (8, 16), (3, 7)])
+def test_gpipe_and_1f1b_take_m_plus_p_minus_1_slots(sched, p, m):
+    _, r = pipeline_run(p, m, sched)
+    tf, tb = FWD / p, BWD / p  # one stage, one micro-batch of CAL samples
+    expected = (m + p - 1) * (tf + tb)
+    for t in periods(r):
+        assert t == pytest.approx(expected, rel=0.005)
+    bubble = (t - m * (tf + tb)) / t
+    assert bubble == pytest.approx((p - 1) / (m + p - 1), rel=0.005, abs=1e-9)
+    assert r.summary()["throughput"] == pytest.approx(CAL * m / expected, rel=0.005)
+
+
+@pytest.mark.parametrize(("p", "m", "v"), [(2, 4, 2), (4, 8, 2), (4, 8, 4), (4, 4, 3), (8, 16, 2)])
+def test_interleaving_shrinks_the_bubble_by_v(p, m, v):
+    _, r = pipeline_run(p, m, "interleaved", v)
+    tf, tb = FWD / p, BWD / p  # a stage's v chunks together
+    for t in periods(r):
+        bubble = t - m * (tf + tb)
+        assert bubble == pytest.approx((p - 1) * (tf + tb) / v, rel=0.005)
+
+
+def _live_on_stage0(r) -> int:
+    """Most micro-batches whose forward has ended and backward has not, on rank 0, from the timeline."""
+    tl = r.timeline
+    spans = tl[(tl["rank"] == 0) & (tl["iteration"] == 0) & (tl["stream"] == "compute")]
+    events = sorted([(row.end, 1) for row in spans.itertuples() if row.name.startswith("forward")]
+                    + [(row.end, -1) for row in spans.itertuples() if row.name.startswith("backward")])
+    live = peak = 0
+    for _, step in events:
+        live += step
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(("p", "m"), [(4, 8), (4, 16), (2, 6), (4, 3)])
+def test_1f1b_keeps_at_most_p_micro_batches_in_flight_and_gpipe_m(p, m):
+    for sched, expected in (("1f1b", min(p, m)), ("gpipe", m)):
+        exp, r = pipeline_run(p, m, sched)
+        assert _live_on_stage0(r) == expected
+        assert exp.strategy.micro_batches_in_flight(exp.job(), 0) == expected
+        assert in_flight(schedule(sched, p, m)[p - 1]) == 1 if sched == "1f1b" else m
+
+
+def test_activation_memory_follows_micro_batches_in_flight():
+    p, m = 4, 16
+    wl = uniform(p, params=1000, out=1000.0)
+    mems = {}
+    for sched in ("gpipe", "1f1b"):
+        exp = Experiment(workload=wl, cluster=free_network(p), batch_size=CAL * m,
+                         strategy=PipelineParallel(pp=p, micro_batches=m, schedule=sched))
+        mems[sched] = exp.memory()
+    # one stage: 1000 outputs + its 1000-element input per sample, fp32
+    per_micro_batch = CAL * (1000 + 1000) * 4
+    assert mems["gpipe"].loc[0, "activations"] == pytest.approx(m * per_micro_batch)
+    assert mems["1f1b"].loc[0, "activations"] == pytest.approx(p * per_micro_batch)
+    assert mems["1f1b"].loc[p - 1, "activations"] == pytest.approx(per_micro_batch)
+
+
+def test_schedules_run_every_pass_once_and_1f1b_order():
+    for sched, v in (("gpipe", 1), ("1f1b", 1), ("interleaved", 2)):
+        for s, passes in enumerate(schedule(sched, 4, 8, v)):
+            assert sorted(passes) == sorted((k, mb, c) for k in "FB" for mb in range(8) for c in range(v)), (sched, s)
+    stage0 = schedule("1f1b", 4, 8)[0]
+    assert [k for k, _, _ in stage0[:5]] == ["F", "F", "F", "F", "B"]  # p - 1 warm-up forwards, then 1F1B
+
+
+def test_balance_minimises_the_costliest_stage():
+    costs = [5, 1, 1, 1, 1, 1, 5, 1]
+    bounds = balance(costs, 3)
+    loads = [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    assert max(loads) == 6  # brute force over all cuts: 6 is the optimum
+    assert bounds[0] == 0 and bounds[-1] == len(costs) and len(bounds) == 4
+    assert balance([1, 1, 1, 1], 2, [True, False, True, False]) == [0, 2, 4]
+    with pytest.raises(ValueError, match="cannot cut"):
+        balance([1, 1], 3)
+
+
+# -- tensor parallel --------------------------------------------------------------------------
+
+L, H, S, B, T = 2, 64, 16, 4, 4  # layers, width, sequence, batch, tensor-parallel degree
+
+
+@pytest.fixture(scope="module")
+def gpt_small():
+    return Workload.from_zoo("gpt", size="gpt2-small", n_layer=L, d_model=H, n_head=4, seq_len=S,
+                             vocab_size=512)
+
+
+def test_zoo_transformer_layers_get_megatron_roles(gpt_small):
+    roles = dict(zip((x.name for x in gpt_small.layers), gpt_small.tp_roles, strict=True))
+    assert roles["blocks.0.attn.qkv"] == roles["blocks.0.mlp.fc"] == "column"
+    assert roles["blocks.0.attn.proj"] == roles["blocks.0.mlp.proj"] == "row"
+    assert roles["blocks.0.attn"] == roles["blocks.0.mlp.act"] == "inner"
+    assert roles["blocks.0.ln_1"] == roles["blocks.0.mlp.drop"] == roles["ln_f"] == "replicated"
+    assert roles["embed.wte"] == "vocab" and roles["lm_head"] == "head"
+
+
+def _tp_experiment(wl, sp=False, tp=T):
+    cluster = Cluster.homogeneous(nodes=1, gpus_per_node=tp)
+    return Experiment(workload=wl, cluster=cluster, batch_size=B, iterations=1,
+                      strategy=TensorParallel(tp=tp, sequence_parallel=sp))
+
+
+@pytest.mark.parametrize("sp", [False, True])
+def test_tensor_parallel_adds_the_megatron_collectives(gpt_small, sp):
+    r = simulate(_tp_experiment(gpt_small, sp))
+    tl = r.timeline
+    comm = tl[(tl["rank"] == 0) & (tl["stream"] == "comm")]
+    kinds = comm["name"].str.split(":").str[0]
+    forward = comm["name"].str.contains(":act")
+    backward = comm["name"].str.contains(":grad")
+    per_layer = 2 * L + 1  # two per transformer layer, plus the embedding (forward) or the head (backward)
+    if not sp:
+        assert (kinds == "all_reduce").all()
+        assert forward.sum() == per_layer and backward.sum() == per_layer
+    else:  # each all-reduce becomes a reduce-scatter, and each f an all-gather (Korthikanti et al.)
+        assert forward.sum() == backward.sum() == 2 * per_layer
+        assert set(kinds) == {"reduce_scatter", "all_gather"}
+    # Ring bytes: an all-reduce of N sends 2(t-1)/t·N; a reduce-scatter or all-gather (t-1)/t·N,
+    # so sequence parallelism moves the same bytes.
+    n = B * S * H * 4  # b·s·h fp32 elements
+    expected = (2 * per_layer) * 2 * (T - 1) / T * n
+    assert r.ranks.loc[0, "bytes_sent"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_tensor_parallel_splits_work_and_memory(gpt_small):
+    fwd1, _ = layer_times(gpt_small, Cluster.homogeneous(nodes=1).device_of(0), "fp32", 1024)
+    fwd4, _ = layer_times(gpt_small, Cluster.homogeneous(nodes=1).device_of(0), "fp32", 1024, tp=4)
+    names = [x.name for x in gpt_small.layers]
+    i = names.index("blocks.0.mlp.fc")
+    overhead = gpt_small.layers[i].kernels * Cluster.homogeneous(nodes=1).device_of(0).kernel_overhead
+    assert fwd4[i] - overhead == pytest.approx((fwd1[i] - overhead) / 4)
+    assert fwd4[names.index("blocks.0.ln_1")] == fwd1[names.index("blocks.0.ln_1")]
+    mem = _tp_experiment(gpt_small).memory()
+    split = sum(x.params for x, role in zip(gpt_small.layers, gpt_small.tp_roles, strict=True) if role != "replicated")
+    whole = sum(x.params for x in gpt_small.layers)
+    assert mem.loc[0, "params"] == pytest.approx((split / T + whole - split) * 4)
+
+
+def test_tensor_parallel_counts_each_sample_once(gpt_small):
+    r = simulate(_tp_experiment(gpt_small))
+    s = r.summary()
+    assert s["throughput"] * s["makespan"] == pytest.approx(B)
+    flops = (gpt_small.fwd_flops + gpt_small.bwd_flops) * B / s["makespan"]
+    assert s["achieved_flops_per_device"] == pytest.approx(flops / T)
+    assert s["model_flops_utilisation"] == pytest.approx(flops / T / r.ranks.loc[0, "peak_flops"])
+
+
+# -- hybrid and ZeRO ---------------------------------------------------------------------------
+
+
+def test_hybrid_places_tp_in_node_pp_across_and_replicas_outermost(gpt_small):
+    cluster = Cluster.homogeneous(nodes=4, gpus_per_node=2)
+    exp = Experiment(workload=gpt_small, cluster=cluster, batch_size=8, iterations=1,
+                     strategy=Hybrid(tp=2, pp=2, micro_batches=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = simulate(exp)
+    s = r.summary()
+    assert s["throughput"] * s["makespan"] == pytest.approx(2 * 8, rel=1e-9)  # dp = 2 replicas, one iteration
+    tl = r.timeline
+    sends = tl[(tl["rank"] == 0) & tl["name"].str.startswith("send:")]
+    assert set(sends["name"].str.split("->").str[1]) == {"2"}  # rank 0's next stage: rank 2, the next node
+    syncs = tl[(tl["rank"] == 0) & tl["name"].str.startswith("all_reduce:grads")]
+    assert len(syncs) > 0  # with its replica, rank 4
+    stages = exp.strategy.stages(exp.job())
+    assert stages[0][0] == 0 and stages[-1][1] == len(gpt_small.layers)
+
+
+def _zero_memory(stage: int, n: int = 8):
+    wl = uniform(4, params=1_000_000)
+    exp = Experiment(workload=wl, cluster=free_network(1, n), batch_size=8, iterations=1, precision="bf16",
+                     optimizer="adam", strategy=ZeRO(zero=stage) if stage else Hybrid())
+    return exp, exp.memory().loc[0]
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_zero_memory_matches_the_paper(stage):
+    n, psi, k = 8, 4_000_000, 12
+    expected = {0: (2 + 2 + k) * psi, 1: (2 + 2 + k / n) * psi, 2: (2 + (2 + k) / n) * psi,
+                3: (2 + 2 + k) * psi / n}[stage]
+    _, row = _zero_memory(stage, n)
+    model_states = row["params"] + row["grads"] + row["optimizer_state"] + row["master_weights"]
+    assert model_states == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(("stage", "volume"), [(0, 2), (1, 2), (2, 2), (3, 3)])
+def test_zero_communication_volume(stage, volume):
+    """Per rank and iteration: all-reduce (stage 0) and reduce-scatter + all-gather (1, 2) move
+    2(N-1)/N·Ψ; stage 3 gathers the parameters twice (forward, backward): 3(N-1)/N·Ψ."""
+    n = 8
+    exp, _ = _zero_memory(stage, n)
+    r = simulate(exp)
+    psi_bytes = 4_000_000 * 2
+    assert r.ranks.loc[0, "bytes_sent"] == pytest.approx(volume * (n - 1) / n * psi_bytes, rel=1e-9)
+
+
+def test_recompute_adds_a_forward_and_keeps_only_checkpoints(gpt_small):
+    cluster = Cluster.homogeneous(nodes=1, gpus_per_node=2)
+    base = Experiment(workload=gpt_small, cluster=cluster, batch_size=4, iterations=1,
+                      strategy=PipelineParallel(pp=2, micro_batches=2))
+    again = base.replace(strategy=PipelineParallel(pp=2, micro_batches=2, recompute=True))
+    r0, r1 = simulate(base), simulate(again)
+    c0 = r0.iterations.groupby("rank")["compute"].sum()
+    c1 = r1.iterations.groupby("rank")["compute"].sum()
+    tl = r1.timeline
+    recomputed = tl[(tl["stream"] == "compute") & tl["name"].str.startswith("recompute")]
+    forward = r0.timeline[r0.timeline["name"].str.startswith("forward")]
+    assert recomputed.groupby("rank")["end"].count().sum() > 0
+    spent = (recomputed["end"] - recomputed["start"]).groupby(recomputed["rank"]).sum()
+    fwd = (forward["end"] - forward["start"]).groupby(forward["rank"]).sum()
+    for rank in (0, 1):
+        assert c1[rank] - c0[rank] == pytest.approx(spent[rank])
+        assert spent[rank] == pytest.approx(fwd[rank])
+    assert r1.summary()["throughput"] * r1.summary()["makespan"] == pytest.approx(4)
+    assert again.memory().loc[0, "activations"] < base.memory().loc[0, "activations"]
+    units = checkpoint_units([x.name for x in gpt_small.layers], 0, len(gpt_small.layers))
+    names = [x.name for x in gpt_small.layers]
+    assert [names[a] for a, _ in units] == ["embed", "blocks.0", "blocks.1", "ln_f", "lm_head"]
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("strategy", "match"), [
+    (lambda: Hybrid(dp=3, pp=2, tp=2), "dp·pp·tp = 3·2·2 = 12 must equal the number of GPUs, 8"),
+    (lambda: Hybrid(pp=3), "pp·tp = 3·1 = 3 does not divide the 8 GPUs"),
+    (lambda: Hybrid(tp=4, pp=2, micro_batches=2, order="pp-tp-dp"), "spans nodes"),
+    (lambda: TensorParallel(tp=8), "must equal|spans nodes"),
+    (lambda: Hybrid(pp=2, micro_batches=3), "micro_batches=3 must divide"),
+    (lambda: Hybrid(pp=2, boundaries=(3, 1)), "boundaries must be 1 increasing"),
+])
+def test_invalid_degrees_and_placements(gpt_small, strategy, match):
+    cluster = Cluster.homogeneous(nodes=2, gpus_per_node=4)
+    with pytest.raises(ValueError, match=match):
+        Experiment(workload=gpt_small, cluster=cluster, batch_size=8, strategy=strategy())
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(pp=0), "pp must be an integer >= 1"),
+    (dict(tp=2.0), "tp must be an integer >= 1"),
+    (dict(schedule="zigzag"), "schedule must be one of"),
+    (dict(chunks=2), "needs schedule='interleaved'"),
+    (dict(pp=4, micro_batches=6, schedule="interleaved", chunks=2), "multiple of pp=4"),
+    (dict(schedule="interleaved", chunks=2), "needs pp >= 2"),
+    (dict(pp=2, zero=2), "zero=2 needs pp=1"),
+    (dict(zero=4), "zero must be 0, 1, 2 or 3"),
+    (dict(order="tp-dp"), "order must name tp, pp and dp"),
+    (dict(zero=1, algorithm="tree"), "no reduce-scatter"),
+])
+def test_bad_fields(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Hybrid(**kwargs)
+
+
+def test_tensor_parallel_needs_splittable_layers():
+    with pytest.raises(ValueError, match="no layer of this workload splits"):
+        Experiment(workload=uniform(4), cluster=free_network(1, 2), batch_size=8, strategy=TensorParallel(tp=2))
+    wl = Workload(name="odd", layers=(Layer(name="fc", kind="Linear", params=15, fwd_flops=1, bwd_flops=1,
+                                            input_elems=5, output_elems=3, param_shapes=((3, 5),),
+                                            tp_role="column"),))
+    with pytest.raises(ValueError, match="tp=2 does not divide layer 'fc'"):
+        Experiment(workload=wl, cluster=free_network(1, 2), batch_size=8, strategy=TensorParallel(tp=2))
+    with pytest.raises(ValueError, match="Layer.tp_role must be one of"):
+        Layer(name="fc", kind="Linear", params=1, fwd_flops=1, bwd_flops=1, input_elems=1, output_elems=1,
+              tp_role="diagonal")
+
+
+def test_strategies_round_trip_through_experiment_files(gpt_small):
+    from strategies import strategy_from_dict
+
+    for strategy in (Hybrid(tp=2, pp=2, micro_batches=4, schedule="interleaved", chunks=2, zero=1,
+                            boundaries=(10, 20, 30), recompute=True),
+                     PipelineParallel(pp=4), TensorParallel(tp=2, sequence_parallel=True), ZeRO(zero=3)):
+        assert strategy_from_dict(strategy.to_dict()) == strategy
