@@ -12,7 +12,10 @@ module prices it with the experiment's precision and optimizer:
   et al., "ZeRO", SC 2020, section 3.1);
 * activations: every kept layer's output (what backward reads back: the next
   layer's input), plus the input of the first kept layer, for the samples in
-  flight, in the compute dtype (2 bytes in mixed precision);
+  flight, in the compute dtype (2 bytes in mixed precision); with tensor
+  parallelism each layer's share by its role (and sequence parallelism's split
+  of the replicated layers); with recomputation, each checkpoint's input for
+  the samples in flight;
 * buffers: as the strategy states them.
 
 The peak is taken as the sum of these (all live at the start of backward),
