@@ -93,7 +93,7 @@ def test_1f1b_keeps_at_most_p_micro_batches_in_flight_and_gpipe_m(p, m):
         exp, r = pipeline_run(p, m, sched)
         assert _live_on_stage0(r) == expected
         assert exp.strategy.micro_batches_in_flight(exp.job(), 0) == expected
-        assert in_flight(schedule(sched, p, m)[p - 1]) == 1 if sched == "1f1b" else m
+        assert in_flight(schedule(sched, p, m)[p - 1]) == (1 if sched == "1f1b" else m)  # the last stage
 
 
 def test_activation_memory_follows_micro_batches_in_flight():
