@@ -41,13 +41,14 @@ class Job:
     """Element type of parameters and gradients on the GPUs: ``fp32``, or ``fp16``/``bf16``
     in mixed precision (with fp32 master weights)."""
     layer_names: tuple[str, ...] | None = None
-    """Each layer's name (for messages)."""
+    """Each layer's name (for messages and checkpoint units); ``None``: ``"layer i"``."""
     layer_tp: tuple[str, ...] | None = None
     """Each layer's tensor-parallel role (:mod:`strategies.tensor_parallel`); ``None``: all replicated."""
     layer_inputs: tuple[float, ...] | None = None
-    """Activation elements each layer reads per sample."""
+    """Activation elements each layer reads per sample; ``None``: not known (0)."""
     layer_outputs: tuple[float, ...] | None = None
-    """Activation elements each layer produces per sample (what crosses a pipeline cut after it)."""
+    """Activation elements each layer produces per sample (what crosses a pipeline cut after it);
+    ``None``: not known (0)."""
     layer_costs: tuple[float, ...] | None = None
     """Relative compute cost of each layer (forward plus backward seconds per sample on the
     first GPU), what pipeline stages are balanced by; ``None``: balance by parameters."""
@@ -76,6 +77,12 @@ class Job:
             )
         if self.param_dtype not in ("fp32", "fp16", "bf16"):
             raise ValueError(f"Job.param_dtype must be one of ('fp32', 'fp16', 'bf16'), got {self.param_dtype!r}")
+        n = len(self.layer_params)
+        for field, default in (("layer_names", tuple(f"layer {i}" for i in range(n))),
+                               ("layer_tp", ("replicated",) * n), ("layer_inputs", (0.0,) * n),
+                               ("layer_outputs", (0.0,) * n)):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, default)
         for field in ("layer_shapes", "layer_names", "layer_tp", "layer_inputs", "layer_outputs", "layer_costs"):
             value = getattr(self, field)
             if value is not None and len(value) != len(self.layer_params):

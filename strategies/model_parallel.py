@@ -197,8 +197,8 @@ class Hybrid:
         owner = type(self).__name__
         dp, pp, tp = self.degrees(job)
         v = self.chunks
-        roles = job.layer_tp or ("replicated",) * job.num_layers
-        names = job.layer_names or tuple(f"layer {i}" for i in range(job.num_layers))
+        roles = job.layer_tp
+        names = job.layer_names
         if tp > 1:
             if not any(r != "replicated" for r in roles):
                 raise ValueError(f"{owner}.tp={tp}, but no layer of this workload splits across tensor-parallel "
@@ -262,7 +262,7 @@ class Hybrid:
             return Residency()
         lay = self._layout(job)
         t, s, _ = lay.coords[rank]
-        roles = job.layer_tp or ("replicated",) * job.num_layers
+        roles = job.layer_tp
         chunks = [(lay.bounds[c * lay.pp + s], lay.bounds[c * lay.pp + s + 1]) for c in range(lay.v)]
         local = sum(local_params(job.layer_params[i], roles[i], lay.tp) for a, b in chunks for i in range(a, b))
         dp = lay.dp
@@ -299,9 +299,9 @@ class Hybrid:
                 best_total, best = sum(live), list(live)
         if not self.recompute:
             return dict(activations=tuple((chunks[c], best[c] * lay.micro) for c in range(lay.v) if best[c]))
-        names = job.layer_names or tuple(f"layer{i}" for i in range(job.num_layers))
+        names = job.layer_names
         units = [(c, u) for c in range(lay.v) for u in checkpoint_units(names, *chunks[c])]
-        widest = max(units, key=lambda cu: sum((job.layer_outputs or job.layer_params)[cu[1][0]:cu[1][1]]))[1]
+        widest = max(units, key=lambda cu: sum(job.layer_outputs[cu[1][0]:cu[1][1]]))[1]
         return dict(activations=((widest, lay.micro),),
                     activation_inputs=tuple((u[0], best[c] * lay.micro) for c, u in units if best[c]))
 
@@ -317,7 +317,7 @@ class Hybrid:
     def _buckets(self, job: Job, lay: _Layout, chunk: tuple[int, int]):
         """DDP buckets of one chunk's local (tensor-split) gradients, layer indices absolute."""
         a, b = chunk
-        roles = job.layer_tp or ("replicated",) * job.num_layers
+        roles = job.layer_tp
         local = [local_params(job.layer_params[i], roles[i], lay.tp) for i in range(a, b)]
         out = assign_buckets(local, bytes_per_param=DTYPE_BYTES[job.param_dtype], bucket_bytes=self.bucket_mb * MIB,
                              first_bucket_bytes=self.first_bucket_mb * MIB)
@@ -325,16 +325,16 @@ class Hybrid:
 
     def _boundary_elems(self, job: Job, lay: _Layout, cut: int) -> float:
         """Activation elements per sample one rank sends across a cut after layer ``cut - 1``."""
-        outputs = job.layer_outputs or (0.0,) * job.num_layers
-        roles = job.layer_tp or ("replicated",) * job.num_layers
+        outputs = job.layer_outputs
+        roles = job.layer_tp
         share = split_factors(roles[cut - 1], lay.tp, self.sequence_parallel)[3] if lay.tp > 1 else 1.0
         return outputs[cut - 1] * share
 
     def _worker(self, job: Job, lay: _Layout):
-        roles = job.layer_tp or ("replicated",) * job.num_layers
-        names = job.layer_names or tuple(f"layer{i}" for i in range(job.num_layers))
-        inputs = job.layer_inputs or (0.0,) * job.num_layers
-        outputs = job.layer_outputs or (0.0,) * job.num_layers
+        roles = job.layer_tp
+        names = job.layer_names
+        inputs = job.layer_inputs
+        outputs = job.layer_outputs
         e = DTYPE_BYTES[job.param_dtype]
         sp = self.sequence_parallel
         zero = self.zero if lay.dp > 1 else 0  # one replica: nothing to partition
