@@ -128,6 +128,9 @@ class Workload:
     """Shape of one input sample, e.g. ``(3, 224, 224)`` or ``(seq_len,)`` (informational)."""
     calibration_batch: int | None = None
     """Batch size at which layers' measured ``fwd_time``/``bwd_time`` were taken (None: none measured)."""
+    source: dict | None = None
+    """``{"name": zoo model, **builder keywords}`` when the workload came from the zoo, so that
+    realrun can build and train the very model that was simulated; ``None`` otherwise."""
 
     def __post_init__(self) -> None:
         if self.calibration_batch is not None and (
@@ -139,6 +142,8 @@ class Workload:
             )
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"Workload.name must be a non-empty string, got {self.name!r}")
+        if self.source is not None and not (isinstance(self.source, dict) and isinstance(self.source.get("name"), str)):
+            raise ValueError(f"Workload.source must be None or a table with a zoo model 'name', got {self.source!r}")
         if isinstance(self.layers, (str, bytes)) or not hasattr(self.layers, "__iter__"):
             raise ValueError(f"Workload.layers must be a sequence of Layer, got {self.layers!r}")
         layers = tuple(self.layers)
@@ -198,6 +203,7 @@ class Workload:
             "layers": [{**asdict(layer), "param_shapes": [list(s) for s in layer.param_shapes]}
                        for layer in self.layers],
             "calibration_batch": self.calibration_batch,
+            **({"source": dict(self.source)} if self.source is not None else {}),
         }
 
     @classmethod
@@ -205,10 +211,10 @@ class Workload:
         """Inverse of :meth:`to_dict`; unknown or missing keys raise ValueError."""
         if not isinstance(d, dict):
             raise ValueError(f"Workload.from_dict needs a dict, got {type(d).__name__}")
-        unknown = set(d) - {"name", "layers", "sample_shape", "calibration_batch"}
+        unknown = set(d) - {"name", "layers", "sample_shape", "calibration_batch", "source"}
         if unknown:
             raise ValueError(f"Workload.from_dict: unknown keys {sorted(unknown)}, "
-                             "allowed: ['calibration_batch', 'layers', 'name', 'sample_shape']")
+                             "allowed: ['calibration_batch', 'layers', 'name', 'sample_shape', 'source']")
         if "name" not in d or "layers" not in d:
             raise ValueError("Workload.from_dict: keys 'name' and 'layers' are required")
         allowed = {f.name for f in fields(Layer)}
@@ -226,7 +232,7 @@ class Workload:
                 raise ValueError(f"Workload.layers[{i}]: {err}") from None
         return cls(name=d["name"], layers=tuple(layers),
                    sample_shape=tuple(d.get("sample_shape", ())),
-                   calibration_batch=d.get("calibration_batch"))
+                   calibration_batch=d.get("calibration_batch"), source=d.get("source"))
 
     def to_json(self, path: str | Path | None = None) -> str:
         """JSON text of :meth:`to_dict`; also written to ``path`` when given."""
@@ -325,11 +331,15 @@ class Workload:
         from simulator import zoo
 
         module, make_input = zoo.build(name, device="meta", **kwargs)
+        source = {"name": name, **{k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()}}
         label = str(kwargs.pop("size", name))
         if kwargs:
             label += "(" + ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items())) + ")"
         # Batch of 2: batch norm in training mode refuses one value per channel.
-        return cls.from_module(module, make_input(2, torch.device("meta")), name=label)
+        import dataclasses
+
+        traced = cls.from_module(module, make_input(2, torch.device("meta")), name=label)
+        return dataclasses.replace(traced, source=source)
 
 
 

@@ -157,6 +157,13 @@ class ResNet(nn.Module):
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(x), 1))
 
+    def pipeline_units(self) -> list[tuple[str, Callable]]:
+        """The forward as a chain of ``(module name, callable)``: what pipeline stages are cut from."""
+        blocks = [(f"{name}.{i}", block) for name in ("layer1", "layer2", "layer3", "layer4")
+                  for i, block in enumerate(getattr(self, name))]
+        return [("conv1", self.conv1), ("bn1", self.bn1), ("relu", self.relu), ("maxpool", self.maxpool),
+                *blocks, ("avgpool", lambda x: torch.flatten(self.avgpool(x), 1)), ("fc", self.fc)]
+
     def example_input(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Float images, shape ``(batch_size, 3, image_size, image_size)``."""
         _check_batch(batch_size)
@@ -351,6 +358,11 @@ class GPT(_TokenModel):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
+    def pipeline_units(self) -> list[tuple[str, Callable]]:
+        """The forward as a chain of ``(module name, callable)``: what pipeline stages are cut from."""
+        return [("embed", self.embed), *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)),
+                ("ln_f", self.ln_f), ("lm_head", self.lm_head)]
+
 
 class MLMHead(nn.Module):
     """BERT masked-LM head: dense + GELU + LN, decoder tied to the word embeddings."""
@@ -388,6 +400,10 @@ class Bert(_TokenModel):
         for block in self.blocks:
             x = block(x)
         return self.head(x)
+
+    def pipeline_units(self) -> list[tuple[str, Callable]]:
+        """The forward as a chain of ``(module name, callable)``: what pipeline stages are cut from."""
+        return [("embed", self.embed), *((f"blocks.{i}", b) for i, b in enumerate(self.blocks)), ("head", self.head)]
 
 
 def _config(table: dict[str, TransformerConfig], size: str, overrides: dict) -> TransformerConfig:
