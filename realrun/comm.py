@@ -88,9 +88,12 @@ def unpack_header(h: torch.Tensor):
 def split_payload(buf: torch.Tensor, specs) -> list[torch.Tensor]:
     out, i = [], 0
     for dtype, shape in specs:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        out.append(buf[i:i + n].view(dtype).view(shape))
-        i += n
+        size = torch.empty((), dtype=dtype).element_size()
+        part = buf[i:i + math.prod(shape) * size]
+        if part.storage_offset() % size:  # a view needs aligned bytes
+            part = part.clone()
+        out.append(part.view(dtype).view(shape))
+        i += part.numel()
     return out
 
 

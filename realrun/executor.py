@@ -635,12 +635,9 @@ class TorchExecutor:
 
 def _split_like(raw: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
     """Bytes ``raw`` cut back into tensors shaped and typed as ``like``."""
-    out, i = [], 0
-    for t in like:
-        n = t.numel() * t.element_size()
-        out.append(raw[i:i + n].view(t.dtype).view(t.shape))
-        i += n
-    return out
+    from realrun.comm import split_payload
+
+    return split_payload(raw, [(t.dtype, tuple(t.shape)) for t in like])
 
 
 def format_exception(exc: BaseException) -> str:

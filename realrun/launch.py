@@ -102,12 +102,17 @@ class EmulatedCluster:
     bandwidth: float | str | None = None
     burst_seconds: float = 0.004
     """tbf bucket as seconds of the rate (at least 32 KiB): a longer one lets bursts past the rate."""
+    mtu: int = 9000
+    """Frame size of the links: jumbo frames, as data-centre networks use, so TCP/IP headers take
+    0.7 % of what tbf counts (4.4 % at 1500)."""
 
     def __post_init__(self) -> None:
         if self.bandwidth is not None:
             self.bandwidth = parse_bandwidth(self.bandwidth, field="EmulatedCluster.bandwidth")
             if not self.bandwidth > 0:
                 raise ValueError(f"EmulatedCluster.bandwidth must be > 0, got {self.bandwidth!r}")
+        if isinstance(self.mtu, bool) or not isinstance(self.mtu, int) or not 576 <= self.mtu <= 65535:
+            raise ValueError(f"EmulatedCluster.mtu must be an integer in [576, 65535], got {self.mtu!r}")
         if not (isinstance(self.burst_seconds, int | float) and 0 < self.burst_seconds < 1):
             raise ValueError(f"EmulatedCluster.burst_seconds must be in (0, 1), got {self.burst_seconds!r}")
         self._made: list[tuple[str, str]] = []
@@ -136,7 +141,7 @@ class EmulatedCluster:
         try:
             _run(["ip", "link", "add", bridge, "type", "bridge"])
             self._made.append(("link", bridge))
-            _run(["ip", "link", "set", bridge, "up"])
+            _run(["ip", "link", "set", bridge, "mtu", str(self.mtu), "up"])
             bits = int(rate * 8)
             burst = max(32 * 1024, int(rate * self.burst_seconds))
             for i in range(nodes):
@@ -148,11 +153,11 @@ class EmulatedCluster:
                 self._made.append(("link", host_end))
                 _run(["ip", "link", "set", node_end, "netns", ns])
                 _run(["ip", "link", "set", host_end, "master", bridge])
-                _run(["ip", "link", "set", host_end, "up"])
+                _run(["ip", "link", "set", host_end, "mtu", str(self.mtu), "up"])
                 inside = ["ip", "netns", "exec", ns]
                 _run([*inside, "ip", "addr", "add", f"{ip}/16", "dev", node_end])
                 _run([*inside, "ip", "link", "set", "lo", "up"])
-                _run([*inside, "ip", "link", "set", node_end, "up"])
+                _run([*inside, "ip", "link", "set", node_end, "mtu", str(self.mtu), "up"])
                 shape = ["root", "tbf", "rate", f"{bits}bit", "burst", str(burst), "latency", "200ms"]
                 _run([*inside, "tc", "qdisc", "add", "dev", node_end, *shape])  # out of the node
                 _run(["tc", "qdisc", "add", "dev", host_end, *shape])  # into the node

@@ -76,6 +76,11 @@ def run(experiment, *, launcher=None, backend: str = "gloo", device: str = "cpu"
     if not isinstance(experiment, Experiment):
         raise ValueError(f"experiment must be a simulator.Experiment, got {type(experiment).__name__}")
     _check(backend, device, collectives, lr, timeout, collective_timeout)
+    for what, obj in (("strategy", experiment.strategy), ("model", model), ("data", data), ("loss", loss)):
+        if obj is not None and getattr(type(obj) if what != "data" and what != "loss" else obj, "__module__",
+                                       "") == "__main__":
+            raise ValueError(f"the {what} is defined in the script being run (__main__), where the ranks' "
+                             "processes cannot import it; define it in a module of its own and import it")
     launcher = Local() if launcher is None else launcher
     if not isinstance(launcher, Local | EmulatedCluster | Torchrun):
         raise ValueError(f"launcher must be realrun.Local(), EmulatedCluster() or Torchrun(), got {launcher!r}")
@@ -83,7 +88,7 @@ def run(experiment, *, launcher=None, backend: str = "gloo", device: str = "cpu"
     if threads is None:
         threads = max(1, (os.cpu_count() or 1) // world)
     spec = {
-        "experiment": experiment.to_dict(),
+        "experiment": experiment,  # pickled whole: a strategy of the user's own travels too
         "model": model,
         "data": data,
         "loss": loss,

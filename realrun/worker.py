@@ -36,13 +36,12 @@ def run_rank(spec: dict, rank: int, world: int, folder: Path, *, local_rank: int
     from realrun.model import Data, ModelState, build_model, derived_seed
     from realrun.optim import FlatOptimizer
     from realrun.records import Recorder
-    from simulator.experiment import Experiment
     from strategies.context import RankContext
 
     opts = spec["options"]
     if opts.get("threads"):
         torch.set_num_threads(int(opts["threads"]))
-    exp = Experiment.from_dict(spec["experiment"])
+    exp = spec["experiment"]
     if exp.world_size != world:
         raise ValueError(f"the experiment has {exp.world_size} ranks but the launcher started {world}")
     backend = opts["backend"]

@@ -3,6 +3,7 @@
     clustersim simulate FILE [--out DIR] [--trace FILE.json]
     clustersim collective --op all_reduce --algorithm ring --size 256MB [--nodes 8 ...]
     clustersim demo [--out DIR] [--quick]
+    clustersim realrun FILE [--launcher local|emulated|torchrun] [--bandwidth 1Gbps] [--out DIR]
 
 User errors (a bad file, a bad value) print one line and exit with status 2.
 The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
@@ -85,6 +86,37 @@ def cmd_collective(args) -> int:
     return 0
 
 
+def cmd_realrun(args) -> int:
+    import realrun
+    from simulator.experiment import load_experiment
+
+    experiment = load_experiment(args.file)
+    if args.launcher != "emulated" and args.bandwidth is not None:
+        raise ValueError("--bandwidth applies to --launcher emulated only")
+    launcher = {"local": realrun.Local, "torchrun": realrun.Torchrun,
+                "emulated": lambda: realrun.EmulatedCluster(bandwidth=args.bandwidth)}[args.launcher]()
+    name = experiment.name or Path(args.file).stem
+    quiet = args.launcher == "torchrun" and os.environ.get("RANK", "0") != "0"
+    if not quiet:
+        print(f"{name}: {experiment.world_size} ranks, {experiment.iterations} iterations, "
+              f"{args.launcher} launcher, {args.backend} on {args.device}", flush=True)
+    try:
+        result = realrun.run(experiment, launcher=launcher, backend=args.backend, device=args.device, lr=args.lr,
+                             timeout=args.timeout, progress=not quiet and sys.stderr.isatty() or None)
+    except realrun.RealRunError as exc:
+        print(f"clustersim: error: {str(exc).splitlines()[0]} (files: {exc.folder})", file=sys.stderr)
+        return 1
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    summary = result.summary()
+    summary["final_loss"] = result.stats["final_loss"]
+    print_summary(summary)
+    if args.out:
+        folder = result.save(args.out)
+        print(f"tables written to {folder}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from experiments import allreduce_algorithms
 
@@ -121,6 +153,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intra", default="nvlink3")
     p.add_argument("--inter", default="100GbE")
     p.set_defaults(func=cmd_collective)
+
+    p = sub.add_parser("realrun", help="run an experiment file for real on torch.distributed")
+    p.add_argument("file")
+    p.add_argument("--launcher", choices=("local", "emulated", "torchrun"), default="local",
+                   help="local processes, an emulated cluster (root: namespaces + tc), or under torchrun")
+    p.add_argument("--bandwidth", default=None, help="emulated links' bandwidth (default: the cluster's inter)")
+    p.add_argument("--backend", choices=("gloo", "nccl"), default="gloo")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate (default 0.01)")
+    p.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take")
+    p.add_argument("--out", help="folder for the result tables (CSV) and summary")
+    p.set_defaults(func=cmd_realrun)
 
     p = sub.add_parser("demo", help="what-if: all-reduce algorithms x cluster size x network speed")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")

@@ -499,6 +499,11 @@ class Hybrid:
 
         return worker
 
+    def data_shard(self, job: Job, rank: int) -> int:
+        """Which replica's samples ``rank`` trains on: its data-parallel coordinate (every stage
+        and tensor-parallel rank of a replica sees the same samples)."""
+        return self._layout(job).coords[rank][2]
+
     def to_dict(self) -> dict:
         d = strategy_dict(self)
         d.pop("_layouts", None)

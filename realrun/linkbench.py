@@ -1,0 +1,117 @@
+"""Measure the links realrun's ranks talk over: how fast a message crosses the emulated
+cluster's shaped links (or any launcher's), against the bandwidth configured.
+
+``python -m realrun.linkbench --bandwidth 200Mbps --size 20MB`` sets up a
+two-node emulated cluster (needs root), sends ``size`` bytes from node 0 to
+node 1 ``repeats`` times (each answered by an empty acknowledgement) and
+prints the bandwidth measured, its ratio to the configured one, and a ring
+all-reduce over three nodes against the ring formula ``2(p-1)/p · n / B``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import ClassVar
+
+from strategies.context import Job, RankContext
+from strategies.ops import TensorRef
+
+
+@dataclass(frozen=True, kw_only=True)
+class LinkProbe:
+    """A strategy that only moves bytes: ``send`` (rank 0 to 1, acknowledged) or a ring
+    ``all_reduce`` of ``nbytes`` over every rank, once per iteration."""
+
+    name: ClassVar[str] = "link_probe"
+    nbytes: float
+    pattern: str = "send"
+
+    def __post_init__(self) -> None:
+        if self.pattern not in ("send", "all_reduce"):
+            raise ValueError(f"LinkProbe.pattern must be 'send' or 'all_reduce', got {self.pattern!r}")
+        if not self.nbytes > 0:
+            raise ValueError(f"LinkProbe.nbytes must be > 0, got {self.nbytes!r}")
+
+    def programs(self, job: Job) -> list:
+        data = TensorRef("probe", self.nbytes, "custom")
+        ack = TensorRef("ack", 0, "custom")
+
+        def sender(ctx: RankContext):
+            for _ in ctx.iterations():
+                yield ctx.send(1, data, tag=1)
+                yield ctx.recv(1, ack, tag=2)
+
+        def receiver(ctx: RankContext):
+            for _ in ctx.iterations():
+                yield ctx.recv(0, data, tag=1)
+                yield ctx.send(0, ack, tag=2)
+
+        def idle(ctx: RankContext):
+            for _ in ctx.iterations():
+                pass
+            return
+            yield
+
+        def reducer(ctx: RankContext):
+            for _ in ctx.iterations():
+                yield ctx.all_reduce(data, algorithm="ring")
+
+        if self.pattern == "all_reduce":
+            return [reducer] * job.world_size
+        return [sender, receiver] + [idle] * (job.world_size - 2)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "nbytes": self.nbytes, "pattern": self.pattern}
+
+
+def probe(bandwidth, nbytes: float, *, pattern: str = "send", nodes: int | None = None, repeats: int = 5,
+          launcher=None) -> dict:
+    """Measured against expected time of one ``pattern`` of ``nbytes`` at ``bandwidth`` (bytes/s or
+    a string); the first iteration (connection set-up) is left out of the median."""
+    from realrun.launch import EmulatedCluster
+    from realrun.run import run
+    from simulator import Cluster, Experiment, Workload
+    from simulator.units import parse_bandwidth
+
+    rate = parse_bandwidth(bandwidth, field="bandwidth")
+    nodes = nodes or (2 if pattern == "send" else 3)
+    workload = Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2)
+    cluster = Cluster.homogeneous(nodes=nodes, gpus_per_node=1, inter_bandwidth=rate)
+    exp = Experiment(workload=workload, cluster=cluster, strategy=LinkProbe(nbytes=nbytes, pattern=pattern),
+                     iterations=repeats + 1, batch_size=1, name=f"linkbench-{pattern}")
+    result = run(exp, launcher=launcher or EmulatedCluster(), threads=1)
+    it = result.iterations
+    times = it[(it["rank"] == 0) & (it["iteration"] > 0)]["duration"].tolist()
+    measured = statistics.median(times)
+    p = nodes
+    expected = nbytes / rate if pattern == "send" else 2 * (p - 1) / p * nbytes / rate
+    return {"pattern": pattern, "nodes": nodes, "bytes": nbytes, "configured_Bps": rate,
+            "measured_s": measured, "expected_s": expected, "ratio": expected / measured,
+            "measured_Bps": nbytes / measured if pattern == "send" else 2 * (p - 1) / p * nbytes / measured}
+
+
+def main(argv=None) -> int:
+    from simulator.units import fmt_bandwidth, parse_bytes
+
+    parser = argparse.ArgumentParser(prog="python -m realrun.linkbench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bandwidth", default="200Mbps")
+    parser.add_argument("--size", default="20MB")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args(argv)
+    nbytes = parse_bytes(args.size, field="--size")
+    # By its import name: the ranks unpickle the probe from there, not from __main__.
+    from realrun import linkbench
+
+    for pattern in ("send", "all_reduce"):
+        r = linkbench.probe(args.bandwidth, nbytes, pattern=pattern, repeats=args.repeats)
+        print(f"{pattern:>10} over {r['nodes']} nodes: {r['measured_s']:.3f} s measured, {r['expected_s']:.3f} s "
+              f"expected at {fmt_bandwidth(r['configured_Bps'], 'bps')} -> measured "
+              f"{fmt_bandwidth(r['measured_Bps'], 'bps')} ({100 * (1 / r['ratio'] - 1):+.1f} % time)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
