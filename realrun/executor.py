@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 import math
+import threading
 import time
 import traceback
 from collections import defaultdict, deque
@@ -126,6 +127,8 @@ class TorchExecutor:
         self._cancel: tuple = ()
         self._zeroed_for = -1
         self._anchor = None
+        self._shards: dict[tuple[int, int], torch.Tensor] = {}  # ZeRO: reduced gradient parts this rank steps
+        self._lock = threading.Lock()
         self.iteration = -1
         self.losses: dict[int, float] = {}
         if state is not None:
@@ -343,11 +346,19 @@ class TorchExecutor:
             self._drive(inside=True)
 
     def _optimizer_step(self, op: OptimizerStep):
-        if op.fraction < 1.0:
-            raise ValueError("realrun does not run sharded optimizer steps (ZeRO) yet")
         start = self.now()
         a, b = self.state.span(op.layers, None)
-        self.opt.step((a, b), self.state.params[a:b], self.state.grads[a:b])
+        if op.fraction < 1.0:  # ZeRO: step the parts reduce-scatter left here
+            with self._lock:
+                mine = sorted(r for r in self._shards if a <= r[0] and r[1] <= b)
+                parts = [(r, self._shards.pop(r)) for r in mine]
+            if not parts and b > a:
+                raise ValueError("realrun: a sharded optimizer step (fraction < 1) without reduce-scattered "
+                                 "gradients; tensor parallelism is not run yet")
+            for (x, y), grad in parts:
+                self.opt.step((x, y), self.state.params[x:y], grad)
+        else:
+            self.opt.step((a, b), self.state.params[a:b], self.state.grads[a:b])
         end = self.now()
         self.rec.span("compute", "optimizer_step", start, end, self.iteration)
         self.rec.compute(end - start)
@@ -441,14 +452,34 @@ class TorchExecutor:
         role, name, it = op.tensor.role, f"{op.op}:{op.tensor.name}", self.iteration
         node_of = [self.job.node_of[r] for r in group] if op.algorithm == "hierarchical" else None
         comm = self.comm
-        if role in ("grads", "params"):
-            if op.op != "all_reduce" and op.op != "broadcast":
-                raise ValueError(f"realrun does not run {op.op} of {role} yet (ZeRO)")
+        if role == "grads" and op.op == "reduce_scatter":  # ZeRO: this rank keeps its part, summed
+            buf = self._flat(op.tensor, "grads")
+            lo, _ = self.state.span(op.tensor.layers, op.tensor.elements)
+            grads = buf.clone()  # later micro-batches accumulate into the buffer meanwhile
+            buf.zero_()
+            scale = self._weight("grads", group)
+            me = group.index(self.rank)
+
+            def task():
+                grads.mul_(scale)
+                t0, t1 = comm.collective("reduce_scatter", op.algorithm, group, grads, 0, node_of)
+                part = torch.tensor_split(grads, len(group))[me]
+                a = lo + sum(c.numel() for c in torch.tensor_split(grads, len(group))[:me])
+                with self._lock:
+                    acc = self._shards.get((a, a + part.numel()))
+                    self._shards[(a, a + part.numel())] = part.clone() if acc is None else acc.add_(part)
+                self._comm_span(name, t0, t1, it)
+        elif role == "params" and op.op == "all_gather":  # ZeRO: every rank's updated part, to everyone
+            buf = self._flat(op.tensor, "params")
+
+            def task():
+                t0, t1 = comm.collective("all_gather", op.algorithm, group, buf, 0, node_of)
+                self._comm_span(name, t0, t1, it)
+        elif role in ("grads", "params"):
+            if op.op not in ("all_reduce", "broadcast"):
+                raise ValueError(f"realrun does not run {op.op} of {role}")
             buf = self._flat(op.tensor, role)
-            if op.op == "all_reduce":
-                scale = self._weight(role, group)
-            else:
-                scale = 1.0
+            scale = self._weight(role, group) if op.op == "all_reduce" else 1.0
 
             def task():
                 if scale != 1.0:

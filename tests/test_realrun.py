@@ -8,7 +8,7 @@ import torch
 
 import realrun
 from simulator import Cluster, Experiment, Workload
-from strategies import AllReduceSGD, LocalSGD, ParameterServer, PipelineParallel
+from strategies import AllReduceSGD, LocalSGD, ParameterServer, PipelineParallel, ZeRO
 from strategies.codecs import decode, encode
 from tests.realrun_helpers import FailingMLP, gradient, reference
 
@@ -195,3 +195,43 @@ def test_bad_arguments_name_the_field():
                          (dict(launcher="local"), "launcher"), (dict(timeout=-1), "timeout")):
         with pytest.raises(ValueError, match=word):
             realrun.run(exp, **kwargs)
+
+
+def test_interleaved_pipeline_and_data_parallel_pipelines_equal_one_process(tmp_path):
+    deep = Workload.from_zoo("mlp", in_features=16, hidden=[32, 32, 32], out_features=5)
+    exp = Experiment(workload=deep, cluster=nodes(4), batch_size=8, iterations=2,
+                     strategy=PipelineParallel(pp=2, micro_batches=2, boundaries=(4,)))  # dp = 2 replicas
+    run(exp, tmp_path / "dp")
+    expected = sgd_on_concatenated_batches(exp.replace(cluster=nodes(2), strategy=AllReduceSGD()))
+    _, state, _ = reference(exp)
+    cut = state.offsets[4]
+    for rank, part in ((0, slice(0, cut)), (1, slice(cut, None)), (2, slice(0, cut)), (3, slice(cut, None))):
+        torch.testing.assert_close(final_params(tmp_path / "dp", rank)[part], expected[part], rtol=1e-5, atol=1e-6)
+    exp = Experiment(workload=deep, cluster=nodes(2), batch_size=8, iterations=2,
+                     strategy=PipelineParallel(pp=2, micro_batches=4, schedule="interleaved", chunks=2,
+                                               boundaries=(2, 4, 6)))
+    run(exp, tmp_path / "il")
+    expected = sgd_on_concatenated_batches(exp.replace(cluster=nodes(1), strategy=AllReduceSGD()))
+    o = state.offsets
+    mine = {0: [slice(o[0], o[2]), slice(o[4], o[6])], 1: [slice(o[2], o[4]), slice(o[6], None)]}
+    for rank, parts in mine.items():
+        for part in parts:
+            torch.testing.assert_close(final_params(tmp_path / "il", rank)[part], expected[part], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stages_equal_one_process_on_concatenated_batches(tmp_path, stage):
+    exp = Experiment(workload=MLP, cluster=nodes(2), batch_size=8, iterations=3,
+                     strategy=ZeRO(zero=stage, micro_batches=2))
+    result = run(exp, tmp_path)
+    expected = sgd_on_concatenated_batches(exp.replace(strategy=AllReduceSGD()))
+    final = [final_params(tmp_path, r) for r in (0, 1)]
+    if stage < 3:  # the step's all-gather leaves every replica whole
+        for rank in (0, 1):
+            torch.testing.assert_close(final[rank], expected, rtol=1e-5, atol=1e-6)
+    else:  # ZeRO-3 gathers before use: each rank's own part is current
+        half = expected.numel() // 2 + expected.numel() % 2
+        torch.testing.assert_close(final[0][:half], expected[:half], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(final[1][half:], expected[half:], rtol=1e-5, atol=1e-6)
+    names = result.timeline["name"]
+    assert names.str.startswith("reduce_scatter:grads").any() and names.str.startswith("all_gather:params").any()
