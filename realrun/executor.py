@@ -176,29 +176,18 @@ class TorchExecutor:
                     )
                 self._value = self._execute(op)
 
+    _HANDLERS = {
+        Forward: "_forward", OptimizerStep: "_optimizer_step", Collective: "_collective", Send: "_send",
+        Recv: "_recv", RecvAny: "_recv_any", Encode: "_encode", Decode: "_decode", Apply: "_apply",
+    }
+
     def _execute(self, op):
-        kind = type(op)
-        if kind is Forward:
-            return self._forward(op)
-        if kind is OptimizerStep:
-            return self._optimizer_step(op)
-        if kind is Collective:
-            return self._collective(op)
-        if kind is Wait:
+        if type(op) is Wait:
             return self._wait(op.handle)
-        if kind is Send:
-            return self._send(op)
-        if kind is Recv:
-            return self._recv(op)
-        if kind is RecvAny:
-            return self._recv_any(op)
-        if kind is Encode:
-            return self._encode(op)
-        if kind is Decode:
-            return self._decode(op)
-        if kind is Apply:
-            return self._apply(op)
-        raise RuntimeError(f"rank {self.rank} yielded {op!r}, which is not an op of strategies.ops")
+        name = self._HANDLERS.get(type(op))
+        if name is None:
+            raise RuntimeError(f"rank {self.rank} yielded {op!r}, which is not an op of strategies.ops")
+        return getattr(self, name)(op)
 
     # compute
     def _check_model_parallel(self, op) -> None:
@@ -424,9 +413,8 @@ class TorchExecutor:
         if entry is None:  # a server: the payloads come with the messages Apply gets
             self._decode_for[key] = op.compressor
             return None
-        for i, h in enumerate(entry.get("handles", ())):
-            h.wait() if h is not None else None
-            entry["handles"][i] = None
+        for h in entry.get("handles", ()):  # the program waited already; this only guards the order
+            h.wait()
         start = self.now()
         comp = op.compressor
         st = self._codec_state(key, comp)

@@ -12,7 +12,6 @@ flattened parameters is a slice of a buffer, never a copy.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -228,7 +227,3 @@ class Data:
             return F.cross_entropy(output.reshape(-1, output.shape[-1]).float(), t.reshape(-1))
         return F.mse_loss(output.float(), t)
 
-
-def check_finite(value: float, what: str) -> None:
-    if not math.isfinite(value):
-        raise FloatingPointError(f"realrun: {what} is {value} (training diverged)")

@@ -76,9 +76,19 @@ def run(experiment, *, launcher=None, backend: str = "gloo", device: str = "cpu"
     if not isinstance(experiment, Experiment):
         raise ValueError(f"experiment must be a simulator.Experiment, got {type(experiment).__name__}")
     _check(backend, device, collectives, lr, timeout, collective_timeout)
-    for what, obj in (("strategy", experiment.strategy), ("model", model), ("data", data), ("loss", loss)):
-        if obj is not None and getattr(type(obj) if what != "data" and what != "loss" else obj, "__module__",
-                                       "") == "__main__":
+    import torch
+
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module or None (the workload's zoo model), got {type(model).__name__}")
+    for what, fn in (("data", data), ("loss", loss)):
+        if fn is not None and not callable(fn):
+            raise ValueError(f"{what} must be a function or None, got {fn!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1 or None (cores / ranks), got {threads!r}")
+    defined_in = {"strategy": type(experiment.strategy).__module__, "model": type(model).__module__,
+                  "data": getattr(data, "__module__", None), "loss": getattr(loss, "__module__", None)}
+    for what, module in defined_in.items():
+        if module == "__main__":
             raise ValueError(f"the {what} is defined in the script being run (__main__), where the ranks' "
                              "processes cannot import it; define it in a module of its own and import it")
     launcher = Local() if launcher is None else launcher
@@ -102,8 +112,6 @@ def run(experiment, *, launcher=None, backend: str = "gloo", device: str = "cpu"
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("rank*.*"):
         old.unlink()
-    import torch
-
     torch.save(spec, folder / SPEC)
     stats = {"backend": backend, "device": device, "collectives": collectives,
              "launcher": type(launcher).__name__, "folder": str(folder), "lr": lr}
@@ -200,13 +208,12 @@ def _supervise(experiment, launcher, folder: Path, stats: dict, threads: int, ti
         bar.poll()
     finally:
         kill(procs)
-        makespan_links = None
         rows = read_rows(folder, world)
         try:
             result = build_result(experiment, rows, {**stats, "wall_seconds": time.monotonic() - started})
-            makespan_links = launcher.links(experiment, result.stats["makespan"])
-            if makespan_links is not None:
-                result.links = makespan_links
+            links = launcher.links(experiment, result.stats["makespan"])
+            if links is not None:
+                result.links = links
         except Exception:  # noqa: BLE001 - a partial result is a courtesy; the failure is what matters
             result = None
         launcher.stop()

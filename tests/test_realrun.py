@@ -235,3 +235,11 @@ def test_zero_stages_equal_one_process_on_concatenated_batches(tmp_path, stage):
         torch.testing.assert_close(final[1][half:], expected[half:], rtol=1e-5, atol=1e-6)
     names = result.timeline["name"]
     assert names.str.startswith("reduce_scatter:grads").any() and names.str.startswith("all_gather:params").any()
+
+
+def test_a_model_that_is_no_module_or_a_bad_thread_count_is_refused():
+    exp = Experiment(workload=MLP, cluster=nodes(2), strategy=AllReduceSGD())
+    with pytest.raises(ValueError, match="model must be a torch.nn.Module"):
+        realrun.run(exp, model="mlp")
+    with pytest.raises(ValueError, match="threads"):
+        realrun.run(exp, threads=0)
