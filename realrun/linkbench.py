@@ -28,25 +28,32 @@ class LinkProbe:
     name: ClassVar[str] = "link_probe"
     nbytes: float
     pattern: str = "send"
+    sizes: tuple = ()
+    """Sizes in bytes to cycle through, one per iteration (iteration ``i`` moves
+    ``sizes[i % len(sizes)]``); empty: ``nbytes`` every iteration."""
 
     def __post_init__(self) -> None:
         if self.pattern not in ("send", "all_reduce"):
             raise ValueError(f"LinkProbe.pattern must be 'send' or 'all_reduce', got {self.pattern!r}")
         if not self.nbytes > 0:
             raise ValueError(f"LinkProbe.nbytes must be > 0, got {self.nbytes!r}")
+        object.__setattr__(self, "sizes", tuple(self.sizes))
+        if any(not (isinstance(s, int | float) and s > 0) for s in self.sizes):
+            raise ValueError(f"LinkProbe.sizes must be numbers > 0, got {self.sizes!r}")
 
     def programs(self, job: Job) -> list:
-        data = TensorRef("probe", self.nbytes, "custom")
+        sizes = self.sizes or (self.nbytes,)
+        datas = [TensorRef("probe", float(s), "custom") for s in sizes]
         ack = TensorRef("ack", 0, "custom")
 
         def sender(ctx: RankContext):
-            for _ in ctx.iterations():
-                yield ctx.send(1, data, tag=1)
+            for i in ctx.iterations():
+                yield ctx.send(1, datas[i % len(datas)], tag=1)
                 yield ctx.recv(1, ack, tag=2)
 
         def receiver(ctx: RankContext):
-            for _ in ctx.iterations():
-                yield ctx.recv(0, data, tag=1)
+            for i in ctx.iterations():
+                yield ctx.recv(0, datas[i % len(datas)], tag=1)
                 yield ctx.send(0, ack, tag=2)
 
         def idle(ctx: RankContext):
@@ -56,15 +63,15 @@ class LinkProbe:
             yield
 
         def reducer(ctx: RankContext):
-            for _ in ctx.iterations():
-                yield ctx.all_reduce(data, algorithm="ring")
+            for i in ctx.iterations():
+                yield ctx.all_reduce(datas[i % len(datas)], algorithm="ring")
 
         if self.pattern == "all_reduce":
             return [reducer] * job.world_size
         return [sender, receiver] + [idle] * (job.world_size - 2)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "nbytes": self.nbytes, "pattern": self.pattern}
+        return {"name": self.name, "nbytes": self.nbytes, "pattern": self.pattern, "sizes": list(self.sizes)}
 
 
 def probe(bandwidth, nbytes: float, *, pattern: str = "send", nodes: int | None = None, repeats: int = 5,

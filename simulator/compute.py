@@ -104,6 +104,16 @@ class ComputeModel:
     """Rank -> slowdown factor (2.0 = every op of that rank takes twice as long)."""
     slowdowns: tuple[Slowdown, ...] = ()
     """Transient slowdowns (a rank slowed for a window of simulated time)."""
+    shared_cores: int = 0
+    """0: every rank computes on a device of its own. ``n >= 1``: all the run's ranks
+    time-share ``n`` processor cores (an emulated cluster on one machine): while ``k``
+    compute ops are in progress each advances at ``min(1, n / k)`` of its own speed, as
+    an operating system's fair scheduler shares cores (processor sharing)."""
+    cost_scale: Mapping[str, float] = field(default_factory=dict)
+    """Measured over modelled time of compressors' work, keyed ``"<compressor>.encode"`` or
+    ``"<compressor>.decode"`` (e.g. ``{"topk.encode": 6.0}``): the roofline of a
+    compressor's :class:`~strategies.compression.Cost` times this. Calibration fills it
+    from the real encode and decode; missing keys are 1."""
 
     def __post_init__(self) -> None:
         if self.distribution not in DISTRIBUTIONS:
@@ -144,6 +154,22 @@ class ComputeModel:
                 raise ValueError(f"compute.slowdowns entries must be Slowdown or tables, got {item!r}")
             windows.append(item)
         object.__setattr__(self, "slowdowns", tuple(windows))
+        if not isinstance(self.cost_scale, Mapping):
+            raise ValueError(f"compute.cost_scale must be a table of '<compressor>.encode|decode' -> factor, "
+                             f"got {self.cost_scale!r}")
+        scales = {}
+        for key, factor in dict(self.cost_scale).items():
+            name, _, kind = str(key).partition(".")
+            if not name or kind not in ("encode", "decode"):
+                raise ValueError(f"compute.cost_scale keys must be '<compressor>.encode' or '<compressor>.decode', "
+                                 f"got {key!r}")
+            if isinstance(factor, bool) or not (isinstance(factor, int | float) and factor > 0
+                                                and math.isfinite(factor)):
+                raise ValueError(f"compute.cost_scale[{key!r}] must be a factor > 0, got {factor!r}")
+            scales[str(key)] = float(factor)
+        object.__setattr__(self, "cost_scale", scales)
+        if isinstance(self.shared_cores, bool) or not isinstance(self.shared_cores, int) or self.shared_cores < 0:
+            raise ValueError(f"compute.shared_cores must be an integer >= 0 (0: no sharing), got {self.shared_cores!r}")
 
     def to_dict(self) -> dict:
         return {
@@ -153,6 +179,8 @@ class ComputeModel:
             "shift": self.shift,
             "stragglers": {str(k): v for k, v in self.stragglers.items()},
             "slowdowns": [dataclasses.asdict(w) for w in self.slowdowns],
+            "shared_cores": self.shared_cores,
+            "cost_scale": dict(self.cost_scale),
         }
 
     def factor(self, rng: np.random.Generator) -> float:
@@ -346,3 +374,63 @@ class ComputeTimer:
             else:
                 t *= model.factor(self.rngs[rank])
         return t
+
+
+class SharedCores:
+    """``cores`` processor cores time-shared by compute ops (processor sharing).
+
+    :meth:`run` starts an op of ``work`` seconds (its time alone on a core) and returns an
+    event that fires when it is done; while ``k`` ops are in progress each advances at
+    ``min(1, cores / k)`` seconds of work per second. :meth:`cancel` drops an op.
+    """
+
+    def __init__(self, env, cores: int):
+        self.env = env
+        self.cores = cores
+        self._left: dict = {}  # event -> work seconds left
+        self._since = 0.0
+        self._token = 0
+
+    def _rate(self) -> float:
+        return min(1.0, self.cores / len(self._left)) if self._left else 1.0
+
+    def _advance(self) -> None:
+        now = self.env.now
+        done = (now - self._since) * self._rate()
+        for event in self._left:
+            self._left[event] -= done
+        self._since = now
+
+    def _schedule(self) -> None:
+        self._token += 1
+        if not self._left:
+            return
+        token = self._token
+        wait = max(min(self._left.values()), 0.0) / self._rate()
+        self.env.timeout(wait).callbacks.append(lambda _e: self._wake(token))
+
+    def _wake(self, token: int) -> None:
+        if token != self._token:
+            return
+        self._advance()
+        eps = 1e-12 * max(1.0, self.env.now)
+        for event in [e for e, left in self._left.items() if left <= eps]:
+            del self._left[event]
+            event.succeed()
+        self._schedule()
+
+    def run(self, work: float):
+        event = self.env.event()
+        if work <= 0:
+            event.succeed()
+            return event
+        self._advance()
+        self._left[event] = work
+        self._schedule()
+        return event
+
+    def cancel(self, event) -> None:
+        if event in self._left:
+            self._advance()
+            del self._left[event]
+            self._schedule()

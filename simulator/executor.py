@@ -28,7 +28,7 @@ import numpy as np
 import simpy
 
 from simulator.collectives import CollectiveRunner
-from simulator.compute import ComputeTimer
+from simulator.compute import ComputeTimer, SharedCores
 from simulator.memory import check_memory, memory_table
 from simulator.network import Network
 from simulator.results import RunResult, build_result
@@ -95,6 +95,9 @@ class _Simulation:
             experiment.workload, self.devices, experiment.precision, experiment.optimizer,
             experiment.compute, self.rngs,
         )
+        cores = experiment.compute.shared_cores
+        self.cores = SharedCores(env, cores) if cores else None
+        self._cost_scale = experiment.compute.cost_scale
         self.job = experiment.job()
         self.everyone = tuple(range(world))
         # records
@@ -228,13 +231,16 @@ class _Simulation:
                     if any(e.triggered for e in events):
                         value = False  # abandoned before it began
                         continue
-                    timeout = env.timeout(dur)
+                    timeout = self._busy(dur)
                     yield env.any_of([timeout, *events])
-                    value = timeout.processed or env.now >= start + dur
+                    value = (timeout.triggered if self.cores is not None
+                             else timeout.processed or env.now >= start + dur)
                     if not value:
                         name += " (cancelled)"
+                        if self.cores is not None:
+                            self.cores.cancel(timeout)
                 else:
-                    yield env.timeout(dur)
+                    yield self._busy(dur)
                     value = True
                 spans.append((rank, "compute", name, start, env.now, it))
                 self._compute_acc[rank] += env.now - start
@@ -245,8 +251,9 @@ class _Simulation:
                 it = self._iteration[rank]
                 start = env.now
                 if not op.cost.zero:
-                    yield env.timeout(timer.scale(rank, timer.cost_time(rank, op.cost), now=start, iteration=it))
                     kind = "encode" if type(op) is Encode else "decode"
+                    base = timer.cost_time(rank, op.cost) * self._cost_scale.get(f"{op.compressor.name}.{kind}", 1.0)
+                    yield self._busy(timer.scale(rank, base, now=start, iteration=it))
                     spans.append((rank, "compute", f"{kind}[{op.tensor.name}]", start, env.now, it))
                     self._compute_acc[rank] += env.now - start
             elif type(op) is Apply:
@@ -274,6 +281,12 @@ class _Simulation:
             else:
                 raise RuntimeError(f"rank {rank} yielded {op!r}, which is not an op of strategies.ops")
 
+    def _busy(self, seconds: float) -> simpy.Event:
+        """The compute stream busy for ``seconds`` of its own time (longer on shared cores)."""
+        if self.cores is None:
+            return self.env.timeout(seconds)
+        return self.cores.run(seconds)
+
     @staticmethod
     def _handle_event(rank: int, handle) -> simpy.Event:
         if not isinstance(handle, Handle):
@@ -293,7 +306,7 @@ class _Simulation:
         if op.grads:
             base = self.timer.apply_time(rank, elements, len(op.grads), kernels)
             dur = self.timer.scale(rank, base, now=start)
-            yield env.timeout(dur)
+            yield self._busy(dur)
             self.spans.append((rank, "compute", f"apply[shard {op.shard}]", start, env.now, self._iteration[rank]))
         version = self._versions.get(op.shard, 0)
         now = env.now

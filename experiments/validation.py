@@ -1,0 +1,114 @@
+"""The validation matrix: every family of strategy, run for real on an emulated cluster
+and simulated, before and after calibration.
+
+Each case trains the same MLP (256 -> 512 -> 512 -> 10, 0.4 M parameters, 1.6 MB
+of fp32 gradients) at 256 samples per worker: on this kind of machine one
+iteration's compute takes tens of milliseconds and moving the gradients over
+100 or 400 Mbit/s takes tens to a few hundred, so both matter. The cases:
+
+* all-reduce data parallel, ring and tree, 3 nodes, at 100 and 400 Mbit/s;
+* parameter server, synchronous with 1 and with 2 servers, asynchronous, and
+  stale-synchronous (bound 1), 3 workers;
+* local SGD (averaging every 2 iterations);
+* compression of each kind on ring all-reduce: QSGD (quantisation), top-k 1 %
+  (sparsification), PowerSGD rank 4 (low rank);
+* a 2-stage pipeline, GPipe and 1F1B, 4 micro-batches.
+
+The ranks are processes on one machine with few cores (2 here), so more busy
+ranks than cores slow each other down. The calibrated model says so explicitly:
+calibration records the machine's cores, and the simulator time-shares them
+among the ranks' compute ops (``ComputeModel.shared_cores``, processor
+sharing). The catalogue model, which gives each rank a ``cpu-core`` device of
+its own, does not.
+
+Run it with ``python -m experiments.validation --out validation-out`` (as root:
+the emulated cluster needs network namespaces); ``--quick`` runs fewer cases.
+It writes ``validation.csv`` (appended as each case finishes),
+``predicted_vs_measured.png``, ``error_by_strategy.png`` and prints the error
+summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from simulator import Cluster, Experiment, Workload
+from strategies import AllReduceSGD, LocalSGD, ParameterServer, PipelineParallel
+
+BATCH = 256
+ITERATIONS = 12
+
+
+def _workload() -> Workload:
+    return Workload.from_zoo("mlp", in_features=256, hidden=[512, 512], out_features=10)
+
+
+def _cluster(nodes: int, bandwidth: str) -> Cluster:
+    return Cluster.homogeneous(nodes=nodes, gpus_per_node=1, gpu="cpu-core", inter="10GbE",
+                               inter_bandwidth=bandwidth)
+
+
+def cases(quick: bool = False) -> list[Experiment]:
+    """The matrix's experiments (``quick``: one of each family)."""
+    w = _workload()
+
+    def exp(name, strategy, nodes=3, bandwidth="400Mbps", **kw):
+        return Experiment(workload=w, cluster=_cluster(nodes, bandwidth), strategy=strategy, batch_size=BATCH,
+                          iterations=kw.pop("iterations", ITERATIONS), seed=1, name=name, **kw)
+
+    ps = {"placement": "dedicated", "partition": "slice"}
+    all_cases = [
+        exp("dp-ring-100M", AllReduceSGD(algorithm="ring", bucket_mb=0.5), bandwidth="100Mbps"),
+        exp("dp-ring-400M", AllReduceSGD(algorithm="ring", bucket_mb=0.5)),
+        exp("dp-tree-100M", AllReduceSGD(algorithm="tree", bucket_mb=0.5), bandwidth="100Mbps"),
+        exp("dp-tree-400M", AllReduceSGD(algorithm="tree", bucket_mb=0.5)),
+        exp("ps-sync-1", ParameterServer(mode="sync", servers=1, **ps)),
+        exp("ps-sync-2", ParameterServer(mode="sync", servers=2, **ps)),
+        exp("ps-async", ParameterServer(mode="async", servers=1, **ps), iterations=16),
+        exp("ps-ssp-1", ParameterServer(mode="ssp", staleness_bound=1, servers=1, **ps), iterations=16),
+        exp("local-sgd-2", LocalSGD(period=2, bucket_mb=0.5)),
+        exp("dp-qsgd", AllReduceSGD(bucket_mb=0.5, compression={"name": "qsgd", "levels": 15})),
+        exp("dp-topk", AllReduceSGD(bucket_mb=0.5, compression={"name": "topk", "ratio": 0.01})),
+        exp("dp-powersgd", AllReduceSGD(bucket_mb=0.5, compression={"name": "powersgd", "rank": 4})),
+        exp("pp-gpipe", PipelineParallel(pp=2, micro_batches=4, schedule="gpipe"), nodes=2),
+        exp("pp-1f1b", PipelineParallel(pp=2, micro_batches=4, schedule="1f1b"), nodes=2),
+    ]
+    if quick:
+        keep = {"dp-ring-400M", "ps-async", "dp-topk", "pp-1f1b"}
+        return [c for c in all_cases if c.name in keep]
+    return all_cases
+
+
+def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from realrun import EmulatedCluster
+    from realrun.validate import error_summary, validate
+
+    parser = argparse.ArgumentParser(prog="python -m experiments.validation", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="validation-out")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    table = validate(cases(args.quick), launcher=EmulatedCluster(), out=out / "validation.csv")
+    print(error_summary(table).to_string(index=False))
+    try:
+        from simulator.plots import error_by_strategy, predicted_vs_measured
+    except ImportError:
+        return 0
+    for fn, name in ((predicted_vs_measured, "predicted_vs_measured.png"), (error_by_strategy, "error_by_strategy.png")):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        fn(table[table["model"] == "calibrated"], metric="iteration_time_mean", ax=ax)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,512 @@
+"""Calibration: measure this machine and its links, so the simulator predicts runs on them.
+
+:func:`calibrate` measures, on the machine at hand (CPU, or a GPU with ``device="cuda"``):
+
+* **per-layer forward and backward seconds** of the experiment's model at the
+  batch size its compute ops run at (a pipeline's micro-batch), by timing the
+  real model: forward with module hooks (time between a layer's hooks, less its
+  children's), backward with hooks on each layer's output gradient node (time
+  from the moment backward reaches a layer to the moment it reaches the next);
+  the per-layer shares are then scaled to the whole model's forward and
+  backward time measured without hooks, medians over repeats;
+* **the device**: dense fp32 matrix-multiply FLOP/s, streaming memory
+  bandwidth (``a += b`` over buffers far larger than the caches), the fixed
+  cost of one small op (framework dispatch, launch), and the optimizer step of
+  the whole model as realrun's flat optimizer runs it (which fixes the memory
+  bandwidth the optimizer and parameter-server updates are timed with);
+* **links**, when a launcher is given: point-to-point messages (sent and
+  acknowledged) and ring all-reduces at several sizes through realrun on that
+  launcher, fitted by least squares to ``t = alpha + n / beta`` per message
+  (and per ring step), as nccl-tests' bus bandwidth and ASTRA-sim's validation
+  fit them.
+
+The result is a :class:`Calibration`: a calibrated :class:`~simulator.Cluster`
+(the measured device on every GPU rank, the measured inter-node link) and
+:class:`~simulator.Workload` (measured ``fwd_time``/``bwd_time`` per layer), the
+raw measurements, and :meth:`Calibration.apply` to rewrite any experiment on the
+same model onto them. :meth:`Calibration.save` writes ``cluster.json``,
+``workload.json`` and ``calibration.json``; :meth:`Calibration.load` reads them
+back, and an experiment file can name ``workload.json`` with
+``[workload] path = ...``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from simulator.cluster import Cluster
+from simulator.compute import OPTIMIZERS
+from simulator.hardware import Device, LinkSpec
+from simulator.workload import ROOT_LAYER, Workload
+
+MEASUREMENT_COLUMNS = ["kind", "name", "size", "seconds", "predicted"]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def compute_batch(experiment) -> int:
+    """Samples in one forward of the experiment's compute ops: the batch size, divided by
+    the micro-batches of a pipeline (uneven batches: the most common size)."""
+    batch = experiment.batch_size
+    if isinstance(batch, tuple):
+        batch = statistics.mode(batch)
+    micro = getattr(experiment.strategy, "micro_batches", 1) or 1
+    return max(1, batch // micro)
+
+
+# ---------------------------------------------------------------------------------- compute
+
+
+def profile_layers(module, workload: Workload, data, batch: int, device: torch.device, *,
+                   repeats: int = 10) -> dict:
+    """Forward and backward seconds per workload layer for a batch of ``batch`` samples.
+
+    Returns ``fwd``/``bwd`` (arrays in layer order, summing to the whole model's measured
+    forward and backward) and ``fwd_total``/``bwd_total`` (medians without hooks)."""
+    names = [layer.name for layer in workload.layers]
+    index = {name: i for i, name in enumerate(names)}
+    n = len(names)
+    x = data.inputs(0, 0, batch, 0, batch)
+
+    def loss_of(out):
+        return data.loss(out, 0, 0, batch, 0, batch)
+
+    # forward with grad (what training runs) and the backward that follows, without hooks
+    fwd_grad, bwd_times = [], []
+    for _ in range(repeats + 2):
+        module.zero_grad(set_to_none=False)
+        _sync(device)
+        t0 = time.perf_counter()
+        loss = loss_of(module(x))
+        _sync(device)
+        t1 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        t2 = time.perf_counter()
+        fwd_grad.append(t1 - t0)
+        bwd_times.append(t2 - t1)
+    fwd_total = statistics.median(fwd_grad[2:])
+    bwd_total = statistics.median(bwd_times[2:])
+
+    # per-layer shares, with hooks
+    modules = {}
+    for name in names:
+        path = "" if name == ROOT_LAYER else name
+        modules[name] = module.get_submodule(path)
+    fwd_acc = np.zeros(n)
+    fwd_runs: list[np.ndarray] = []
+    bwd_runs: list[np.ndarray] = []
+    stack: list[int] = []
+    last = [0.0]
+    events: list[tuple[float, int]] = []
+    handles = []
+
+    def charge_forward(now: float) -> None:
+        if stack:
+            fwd_acc[stack[-1]] += now - last[0]
+        last[0] = now
+
+    def pre(i):
+        def hook(mod, args):
+            _sync(device)
+            charge_forward(time.perf_counter())
+            stack.append(i)
+        return hook
+
+    def post(i):
+        def hook(mod, args, out):
+            _sync(device)
+            charge_forward(time.perf_counter())
+            if stack and stack[-1] == i:
+                stack.pop()
+            tensors = [out] if isinstance(out, torch.Tensor) else [
+                t for t in (out if isinstance(out, (tuple, list)) else ()) if isinstance(t, torch.Tensor)]
+            for t in tensors:
+                if t.grad_fn is not None:
+                    def reached(grad_outputs, i=i):
+                        _sync(device)
+                        events.append((time.perf_counter(), i))
+                    t.grad_fn.register_prehook(reached)
+                    break
+        return hook
+
+    for name, mod in modules.items():
+        i = index[name]
+        handles.append(mod.register_forward_pre_hook(pre(i)))
+        handles.append(mod.register_forward_hook(post(i)))
+    try:
+        for r in range(repeats + 2):
+            fwd_step = np.zeros(n)
+            module.zero_grad(set_to_none=False)
+            stack.clear()
+            events.clear()
+            fwd_acc[:] = 0
+            _sync(device)
+            last[0] = time.perf_counter()
+            loss = loss_of(module(x))
+            _sync(device)
+            fwd_step[:] = fwd_acc
+            t_bwd0 = time.perf_counter()
+            loss.backward()
+            _sync(device)
+            t_end = time.perf_counter()
+            per = np.zeros(n)
+            marks = sorted(events)
+            if marks:
+                per[marks[0][1]] += marks[0][0] - t_bwd0  # the loss's backward, charged to the last layer
+            for (t, i), (t_next, _) in zip(marks, marks[1:] + [(t_end, -1)]):
+                per[i] += t_next - t
+            if r >= 2:  # warm-up passes left out
+                bwd_runs.append(per)
+                fwd_runs.append(fwd_step)
+    finally:
+        for h in handles:
+            h.remove()
+    # medians per layer: a pass the scheduler interrupted inflates one layer of one pass only
+    fwd_med = np.median(np.array(fwd_runs), axis=0)
+    bwd_med = np.median(np.array(bwd_runs), axis=0)
+    fwd_share = fwd_med / max(fwd_med.sum(), 1e-300)
+    bwd_share = bwd_med / max(bwd_med.sum(), 1e-300)
+    return {"fwd": fwd_share * fwd_total, "bwd": bwd_share * bwd_total,
+            "fwd_total": fwd_total, "bwd_total": bwd_total}
+
+
+def measure_device(device: torch.device, *, repeats: int = 10) -> dict:
+    """fp32 matmul FLOP/s, streaming bandwidth (bytes/s) and seconds per small op."""
+    n = 1024 if device.type == "cpu" else 8192
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t_mm = _median_time(lambda: torch.mm(a, b), device, repeats)
+    words = (64 << 20) // 4 if device.type == "cpu" else (1 << 30) // 4
+    u = torch.zeros(words, device=device)
+    v = torch.ones(words, device=device)
+    t_add = _median_time(lambda: u.add_(v), device, repeats)
+    small = torch.zeros(16, device=device)
+    t_small = _median_time(lambda: [small.add_(1.0) for _ in range(100)], device, repeats) / 100
+    return {"fp32_flops": 2 * n**3 / t_mm, "mem_bandwidth": 3 * 4 * words / t_add, "op_overhead": t_small}
+
+
+def measure_optimizer(optimizer: str, elements: int, device: torch.device, *, repeats: int = 10) -> float:
+    """Seconds of one step of realrun's flat ``optimizer`` over ``elements`` parameters."""
+    from realrun.optim import FlatOptimizer
+
+    params = torch.randn(elements, device=device)
+    grads = torch.randn(elements, device=device) * 1e-3
+    opt = FlatOptimizer(optimizer, lr=0.01)
+    return _median_time(lambda: opt.step("all", params, grads), device, repeats)
+
+
+# ---------------------------------------------------------------------------------- links
+
+
+def fit_alpha_beta(rows) -> tuple[float, float]:
+    """Least-squares ``(alpha, beta)`` of ``seconds = messages * alpha + wire_bytes / beta`` over
+    rows of ``(messages, wire_bytes, seconds)`` (alpha clipped at 0)."""
+    a = np.array([[m, w] for m, w, _ in rows], dtype=float)
+    y = np.array([s for _, _, s in rows], dtype=float)
+    # relative errors matter at every size: weight each row by 1/seconds
+    wts = 1.0 / y
+    coef, *_ = np.linalg.lstsq(a * wts[:, None], y * wts, rcond=None)
+    alpha, inv_beta = float(coef[0]), float(coef[1])
+    if inv_beta <= 0:
+        raise ValueError(f"link fit gave a non-positive 1/bandwidth ({inv_beta}); the measurements are noise")
+    if alpha < 0:  # refit bandwidth alone through the origin
+        alpha = 0.0
+        inv_beta = float(np.sum(a[:, 1] * y * wts**2) / np.sum((a[:, 1] * wts) ** 2))
+    return alpha, 1.0 / inv_beta
+
+
+def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 20), repeats: int = 4,
+                  nodes: int | None = None, timeout: float = 300) -> pd.DataFrame:
+    """Point-to-point (sent and acknowledged) and ring all-reduce times at ``sizes`` bytes over
+    ``launcher``'s links between single-rank nodes of the experiment's cluster: rows of
+    pattern, size, nodes, messages, wire_bytes, seconds (medians over ``repeats``)."""
+    from realrun.linkbench import LinkProbe
+    from realrun.run import run
+    from simulator import Experiment
+
+    p = nodes or max(3, min(4, experiment.cluster.nodes))
+    rows = []
+    for pattern, world in (("send", 2), ("all_reduce", p)):
+        cluster = dataclasses.replace(experiment.cluster, nodes=world, gpus_per_node=1, hosts=(), devices=None,
+                                      nics_per_node=1)
+        probe = LinkProbe(nbytes=float(sizes[0]), pattern=pattern, sizes=tuple(float(s) for s in sizes))
+        exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                         cluster=cluster, strategy=probe, batch_size=1,
+                         iterations=len(sizes) * (repeats + 1), name=f"calibrate-{pattern}")
+        result = run(exp, launcher=launcher, threads=1, timeout=timeout)
+        it = result.iterations
+        it = it[it["rank"] == 0].sort_values("iteration")
+        for k, size in enumerate(sizes):
+            # iterations k, k + len(sizes), ...; the first round (connection set-up) is left out
+            times = [d for i, d in zip(it["iteration"], it["duration"]) if i % len(sizes) == k and i >= len(sizes)]
+            if pattern == "send":
+                messages, wire = 2, size  # the message and its empty acknowledgement
+            else:
+                messages, wire = 2 * (world - 1), 2 * (world - 1) / world * size
+            rows.append((pattern, float(size), world, messages, wire, statistics.median(times)))
+    return pd.DataFrame(rows, columns=["pattern", "size", "nodes", "messages", "wire_bytes", "seconds"])
+
+
+# ---------------------------------------------------------------------------------- result
+
+
+@dataclass
+class Calibration:
+    """What :func:`calibrate` measured: a device, a link (if links were measured), the workload
+    with per-layer measured times, and every raw measurement."""
+
+    device: Device
+    workload: Workload
+    link: LinkSpec | None = None
+    shared_cores: int = 0
+    """Cores the ranks of a run on the calibrated machine share (0: a device per rank)."""
+    cost_scale: dict = field(default_factory=dict)
+    """Measured over modelled compressor work (see :attr:`simulator.ComputeModel.cost_scale`)."""
+    optimizer_seconds: dict = field(default_factory=dict)
+    """Measured seconds of one optimizer step over the whole model, per optimizer."""
+    measurements: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MEASUREMENT_COLUMNS))
+    machine: dict = field(default_factory=dict)
+
+    def cluster_for(self, cluster: Cluster) -> Cluster:
+        """``cluster`` with the measured device on every GPU rank and, if links were measured,
+        the measured link between nodes."""
+        changes = {"device": self.device, "devices": None}
+        if self.link is not None:
+            changes["inter"] = self.link
+        return dataclasses.replace(cluster, **changes)
+
+    def apply(self, experiment):
+        """The experiment on the measured device, link and per-layer times (same model)."""
+        mine = [(layer.name, layer.params) for layer in self.workload.layers]
+        theirs = [(layer.name, layer.params) for layer in experiment.workload.layers]
+        if mine != theirs:
+            raise ValueError(
+                f"Calibration.apply: the experiment's workload {experiment.workload.name!r} is not the calibrated "
+                f"model {self.workload.name!r} (layers differ); calibrate this experiment's model"
+            )
+        compute = dataclasses.replace(experiment.compute, shared_cores=self.shared_cores,
+                                      cost_scale={**experiment.compute.cost_scale, **self.cost_scale})
+        strategy = experiment.strategy
+        if isinstance(getattr(strategy, "server_device", None), str | dict):  # servers run here too
+            strategy = dataclasses.replace(strategy, server_device=self.device.to_dict())
+        return experiment.replace(workload=self.workload, cluster=self.cluster_for(experiment.cluster),
+                                  compute=compute, strategy=strategy)
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "workload.json").write_text(self.workload.to_json())
+        spec = {
+            "device": self.device.to_dict(),
+            "link": None if self.link is None else self.link.to_dict(),
+            "shared_cores": self.shared_cores,
+            "cost_scale": self.cost_scale,
+            "optimizer_seconds": self.optimizer_seconds,
+            "machine": self.machine,
+            "measurements": json.loads(self.measurements.to_json(orient="records")),
+        }
+        (folder / "calibration.json").write_text(json.dumps(spec, indent=1))
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Calibration:
+        folder = Path(folder)
+        for name in ("calibration.json", "workload.json"):
+            if not (folder / name).is_file():
+                raise ValueError(f"Calibration.load: {str(folder)!r} has no {name} (write one with calibrate(..., out=))")
+        spec = json.loads((folder / "calibration.json").read_text())
+        return cls(
+            device=Device.from_dict(spec["device"]),
+            workload=Workload.from_json(folder / "workload.json"),
+            link=None if spec.get("link") is None else LinkSpec.from_dict(spec["link"]),
+            shared_cores=int(spec.get("shared_cores", 0)),
+            cost_scale=dict(spec.get("cost_scale", {})),
+            optimizer_seconds=spec.get("optimizer_seconds", {}),
+            measurements=pd.DataFrame(spec.get("measurements", []), columns=MEASUREMENT_COLUMNS),
+            machine=spec.get("machine", {}),
+        )
+
+
+def measure_executor(experiment, batch: int, *, threads: int, device: str, iterations: int = 12,
+                     model=None, data=None, loss=None, timeout: float = 300) -> dict:
+    """Forward, backward and optimizer-step seconds per iteration of the experiment's model
+    trained by realrun on one rank (``Local``), medians over iterations after the first two:
+    what the executor's own compute costs, hooks, data and loss included."""
+    from realrun.launch import Local
+    from realrun.run import run
+    from simulator import Experiment
+    from strategies import AllReduceSGD
+
+    cluster = dataclasses.replace(experiment.cluster, nodes=1, gpus_per_node=1, hosts=(), devices=None,
+                                  nics_per_node=1)
+    solo = Experiment(workload=experiment.workload, cluster=cluster, strategy=AllReduceSGD(bucket_mb=1e6),
+                      batch_size=batch, iterations=iterations, seed=experiment.seed,
+                      optimizer=experiment.optimizer, name="calibrate-compute")
+    result = run(solo, launcher=Local(), threads=threads, device=device, model=model, data=data, loss=loss,
+                 timeout=timeout)
+    tl = result.timeline
+    tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2)]
+    kind = tl["name"].str.extract(r"^(\w+)", expand=False)
+    per = (tl["end"] - tl["start"]).groupby([kind, tl["iteration"]]).sum()
+    return {k: float(per[k].median()) for k in ("forward", "backward", "optimizer_step")}
+
+
+def measure_codecs(experiment, calibration: Calibration, *, threads: int, device: str, iterations: int = 8,
+                   timeout: float = 300) -> tuple[dict, list]:
+    """Measured over modelled time of the experiment's compressor's encode and decode: the
+    experiment on two single-rank nodes run by realrun (``Local``) against the simulator's
+    roofline of the same ops on the calibrated device, per iteration from the third on.
+    Returns the factors (``{"<name>.encode": f, "<name>.decode": f}``) and measurement rows."""
+    from realrun.launch import Local
+    from realrun.run import run
+    from simulator.executor import simulate
+
+    comp = getattr(experiment.strategy, "compression", None)
+    if comp is None or not hasattr(comp, "name"):
+        return {}, []
+    cluster = dataclasses.replace(experiment.cluster, nodes=2, gpus_per_node=1, devices=None, nics_per_node=1)
+    two = experiment.replace(cluster=cluster, iterations=iterations, name="calibrate-codec",
+                             batch_size=compute_batch(experiment) * getattr(experiment.strategy, "micro_batches", 1))
+    real = run(two, launcher=Local(), threads=threads, device=device, timeout=timeout)
+    model = calibration.apply(two)
+    model = model.replace(compute=dataclasses.replace(model.compute, shared_cores=0, cost_scale={}))
+    sim = simulate(model)
+    factors, rows = {}, []
+    for kind in ("encode", "decode"):
+        seconds = []
+        for result in (real, sim):
+            tl = result.timeline
+            tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2) & tl["name"].str.startswith(kind + "[")]
+            per_rank_iteration = (tl["end"] - tl["start"]).groupby([tl["rank"], tl["iteration"]]).sum()
+            seconds.append(float(per_rank_iteration.median()) if len(per_rank_iteration) else 0.0)
+        measured, modelled = seconds
+        if measured > 0 and modelled > 0:
+            factors[f"{comp.name}.{kind}"] = measured / modelled
+            rows.append((f"codec_{kind}", comp.name, float(experiment.workload.params), measured, modelled))
+    return factors, rows
+
+
+def calibrate(experiment, *, launcher=None, device: str = "cpu", threads: int = 1, batch: int | None = None,
+              repeats: int = 10, link_sizes=(65536, 262144, 1 << 20, 4 << 20), link_repeats: int = 4,
+              shared_cores: int | None = None, model=None, data=None, loss=None,
+              out: str | Path | None = None) -> Calibration:
+    """Measure this machine (and ``launcher``'s links) for ``experiment``'s model and strategy.
+
+    ``batch``: samples per forward to time (default: the experiment's compute batch, see
+    :func:`compute_batch`). ``threads``: intra-op threads per rank, as realrun's ranks use
+    them. ``launcher``: a realrun launcher whose links to measure (``EmulatedCluster()`` for
+    the emulated cluster); ``None`` measures no links (the experiment's catalogue link stays).
+    ``shared_cores``: the cores all ranks of a run on this machine share (default: this
+    machine's core count when ``device="cpu"``, none on a GPU); see
+    :attr:`simulator.ComputeModel.shared_cores`. ``out``: a folder to save the calibration to.
+    """
+    from realrun.model import Data, ModelState, build_model
+
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"calibrate: device must be 'cpu' or 'cuda', got {device!r}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"calibrate: threads must be an integer >= 1, got {threads!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 3:
+        raise ValueError(f"calibrate: repeats must be an integer >= 3, got {repeats!r}")
+    batch = compute_batch(experiment) if batch is None else batch
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"calibrate: batch must be an integer >= 1, got {batch!r}")
+    if shared_cores is None:
+        shared_cores = (os.cpu_count() or 1) if device == "cpu" else 0
+    if isinstance(shared_cores, bool) or not isinstance(shared_cores, int) or shared_cores < 0:
+        raise ValueError(f"calibrate: shared_cores must be an integer >= 0, got {shared_cores!r}")
+    dev = torch.device(device)
+    workload = experiment.workload
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        module = model if model is not None else build_model(workload, experiment.seed, dev)
+        module = module.to(dev)
+        ModelState(module, workload, dev)  # checks the model is the workload's
+        feed = Data(module, experiment.seed, dev, make_input=data, loss=loss)
+        prof = profile_layers(module, workload, feed, batch, dev, repeats=repeats)
+        hw = measure_device(dev, repeats=repeats)
+    finally:
+        torch.set_num_threads(saved_threads)
+    solo = measure_executor(experiment, batch, threads=threads, device=device, model=model, data=data, loss=loss)
+    # The layers' shares of the model's time, scaled to what the executor takes for the whole model.
+    fwd = prof["fwd"] * (solo["forward"] / max(prof["fwd"].sum(), 1e-300))
+    bwd = prof["bwd"] * (solo["backward"] / max(prof["bwd"].sum(), 1e-300))
+    layers = tuple(dataclasses.replace(layer, fwd_time=float(f), bwd_time=float(b))
+                   for layer, f, b in zip(workload.layers, fwd, bwd))
+    measured = dataclasses.replace(workload, layers=layers, calibration_batch=batch)
+    overhead = hw["op_overhead"]
+    # The optimizer step fixes the memory bandwidth the simulator streams optimizer updates at:
+    # optimizer_time(params) = moved bytes / bandwidth + one launch per layer with parameters.
+    cost = OPTIMIZERS[experiment.optimizer]
+    t_opt = solo["optimizer_step"]
+    kernels = sum(1 for layer in workload.layers if layer.params)
+    moved = 4 * cost.words_moved * workload.params
+    bandwidth = moved / max(t_opt - kernels * overhead, 0.25 * t_opt)
+    dev_spec = Device(
+        name=f"measured-{device}", peak_flops={"fp32": hw["fp32_flops"], "tf32": hw["fp32_flops"]},
+        mem_bandwidth=bandwidth, mem_capacity=experiment.cluster.device.mem_capacity,
+        compute_efficiency=1.0, memory_efficiency=1.0, kernel_overhead=overhead,
+    )
+    rows = []
+    for i, layer in enumerate(layers):
+        rows.append(("forward", layer.name, batch, float(fwd[i]), float("nan")))
+        rows.append(("backward", layer.name, batch, float(bwd[i]), float("nan")))
+    rows += [("forward_total", "model", batch, prof["fwd_total"], float("nan")),
+             ("backward_total", "model", batch, prof["bwd_total"], float("nan")),
+             ("executor_forward", "model", batch, solo["forward"], float("nan")),
+             ("executor_backward", "model", batch, solo["backward"], float("nan")),
+             ("optimizer_step", experiment.optimizer, workload.params, t_opt, float("nan")),
+             ("matmul_flops", "fp32", 1024, hw["fp32_flops"], float("nan")),
+             ("stream_bandwidth", "add", 64 << 20, hw["mem_bandwidth"], float("nan")),
+             ("op_overhead", "add", 16, overhead, float("nan"))]
+    cal = Calibration(device=dev_spec, workload=measured, shared_cores=shared_cores)
+    cost_scale, codec_rows = measure_codecs(experiment, cal, threads=threads, device=device)
+    rows += codec_rows
+    link = None
+    if launcher is not None:
+        links = measure_links(experiment, launcher, sizes=link_sizes, repeats=link_repeats)
+        alpha, beta = fit_alpha_beta(list(zip(links["messages"], links["wire_bytes"], links["seconds"])))
+        link = LinkSpec(name="measured-link", bandwidth=beta, latency=alpha)
+        for r in links.itertuples():
+            rows.append((f"link_{r.pattern}", f"{r.nodes} nodes", r.size, r.seconds,
+                         r.messages * alpha + r.wire_bytes / beta))
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__, "device": device,
+               "batch": batch, "date": time.strftime("%Y-%m-%d")}
+    if device == "cuda":
+        machine["gpu"] = torch.cuda.get_device_name(dev)
+    cal = Calibration(device=dev_spec, workload=measured, link=link, shared_cores=shared_cores,
+                      cost_scale=cost_scale, optimizer_seconds={experiment.optimizer: t_opt},
+                      measurements=pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS), machine=machine)
+    if out is not None:
+        cal.save(out)
+    return cal

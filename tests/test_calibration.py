@@ -1,0 +1,286 @@
+"""Calibration and validation pieces that need no root: the shared-cores compute model,
+compressor cost scales, the alpha-beta fit, the layer profile, calibrate() on local
+processes, and the validation table's arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import pytest
+import simpy
+from builders import timed_workload
+
+import realrun
+from realrun.calibrate import Calibration, calibrate, compute_batch, fit_alpha_beta, profile_layers
+from realrun.validate import VALIDATION_COLUMNS, compare, error_summary, steady_metrics, validate
+from simulator import Cluster, ComputeModel, Experiment, Workload, simulate
+from simulator.compute import SharedCores
+from simulator.results import RunResult
+from strategies import AllReduceSGD, PipelineParallel
+
+# ------------------------------------------------------------------ shared cores
+
+
+def _finish_times(cores: int, works, starts=None, cancel=None):
+    env = simpy.Environment()
+    cpu = SharedCores(env, cores)
+    done = {}
+
+    def job(i, work, start):
+        yield env.timeout(start)
+        event = cpu.run(work)
+        if cancel and i in cancel:
+            yield env.timeout(cancel[i])
+            cpu.cancel(event)
+            done[i] = None
+            return
+        yield event
+        done[i] = env.now
+
+    for i, work in enumerate(works):
+        env.process(job(i, work, (starts or [0] * len(works))[i]))
+    env.run()
+    return done
+
+
+def test_processor_sharing_by_hand():
+    # One core, works 1 and 2 from t=0: both at half speed until t=2 (the first has done 1),
+    # then the second alone with 1 left: t=3.
+    assert _finish_times(1, [1.0, 2.0]) == pytest.approx({0: 2.0, 1: 3.0})
+    # Two cores, two ops: each has a core.
+    assert _finish_times(2, [1.0, 2.0]) == pytest.approx({0: 1.0, 1: 2.0})
+    # Three equal ops on two cores: each at 2/3 speed, all done at 1.5.
+    assert _finish_times(2, [1.0, 1.0, 1.0]) == pytest.approx({0: 1.5, 1: 1.5, 2: 1.5})
+    # A late arrival: op 0 (work 2) alone for 1 s, then shares one core with op 1 (work 0.5):
+    # op 1 done at 1 + 0.5 * 2 = 2, op 0 has 1 - 0.5 = 0.5 left, alone: 2.5.
+    assert _finish_times(1, [2.0, 0.5], starts=[0.0, 1.0]) == pytest.approx({0: 2.5, 1: 2.0})
+    # Cancelling op 1 at t=0.5 gives op 0 the core back: 0.25 done by then, 0.75 left: t=1.25.
+    assert _finish_times(1, [1.0, 5.0], cancel={1: 0.5}) == pytest.approx({0: 1.25, 1: None})
+
+
+def _dp(shared_cores: int, nodes: int = 2) -> Experiment:
+    return Experiment(workload=timed_workload(params=(4096, 4096), fwd=0.2, bwd=0.4, batch=8),
+                      cluster=Cluster.homogeneous(nodes=nodes, gpus_per_node=1, inter="400GbE"),
+                      strategy=AllReduceSGD(), batch_size=8, iterations=4,
+                      compute=ComputeModel(shared_cores=shared_cores))
+
+
+def test_shared_cores_slow_lockstep_ranks_by_the_ratio():
+    alone = simulate(_dp(0)).iterations
+    one_core = simulate(_dp(1)).iterations
+    two_cores = simulate(_dp(2)).iterations
+    # Two ranks computing in lockstep on one core: every compute op takes twice as long.
+    np.testing.assert_allclose(one_core["compute"].to_numpy(), 2 * alone["compute"].to_numpy(), rtol=1e-9)
+    # As many cores as ranks: nothing changes.
+    np.testing.assert_allclose(two_cores["compute"].to_numpy(), alone["compute"].to_numpy(), rtol=1e-12)
+    # Four ranks on two cores: 4/2.
+    four = simulate(_dp(2, nodes=4)).iterations
+    np.testing.assert_allclose(four["compute"].to_numpy(), 2 * simulate(_dp(0, nodes=4)).iterations["compute"],
+                               rtol=1e-9)
+
+
+def test_compute_model_rejects_bad_sharing_and_scales():
+    with pytest.raises(ValueError, match="shared_cores"):
+        ComputeModel(shared_cores=-1)
+    with pytest.raises(ValueError, match="cost_scale keys"):
+        ComputeModel(cost_scale={"topk": 2.0})
+    with pytest.raises(ValueError, match=r"cost_scale\['topk.encode'\]"):
+        ComputeModel(cost_scale={"topk.encode": 0.0})
+    model = ComputeModel(shared_cores=2, cost_scale={"topk.encode": 3.0})
+    assert ComputeModel(**model.to_dict()) == model
+
+
+def test_cost_scale_multiplies_compressor_spans():
+    base = Experiment(workload=Workload.from_zoo("mlp", in_features=64, hidden=[256], out_features=10),
+                      cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, gpu="cpu-core"),
+                      strategy=AllReduceSGD(compression={"name": "topk", "ratio": 0.01}), batch_size=8,
+                      iterations=2)
+    scaled = base.replace(compute=ComputeModel(cost_scale={"topk.encode": 3.0, "topk.decode": 0.5}))
+
+    def spans(exp, kind):
+        tl = simulate(exp).timeline
+        tl = tl[tl["name"].str.startswith(kind + "[")].sort_values(["rank", "start"])
+        return (tl["end"] - tl["start"]).to_numpy()
+
+    np.testing.assert_allclose(spans(scaled, "encode"), 3.0 * spans(base, "encode"), rtol=1e-9)
+    np.testing.assert_allclose(spans(scaled, "decode"), 0.5 * spans(base, "decode"), rtol=1e-9)
+
+
+# ------------------------------------------------------------------ fits and profiles
+
+
+def test_alpha_beta_fit_recovers_known_link():
+    alpha, beta = 2e-4, 5e7
+    rows = [(m, w, m * alpha + w / beta) for m, w in ((2, 65536), (2, 1 << 20), (4, 3e5), (4, 5e6))]
+    a, b = fit_alpha_beta(rows)
+    assert a == pytest.approx(alpha, rel=1e-6)
+    assert b == pytest.approx(beta, rel=1e-6)
+    # A negative intercept is clipped, and the bandwidth refitted through the origin.
+    a, b = fit_alpha_beta([(1, 1e6, 0.009), (1, 2e6, 0.0195)])
+    assert a == 0.0 and 1e6 / 0.009 > b > 2e6 / 0.0195
+
+
+def test_profile_gives_the_big_layer_the_time():
+    import torch
+
+    from realrun.model import Data, ModelState, build_model
+
+    w = Workload.from_zoo("mlp", in_features=16, hidden=[1024, 1024], out_features=4)
+    model = build_model(w, 0)
+    ModelState(model, w, torch.device("cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as calibrate() runs it: one intra-op thread, like realrun's ranks
+    try:
+        prof = profile_layers(model, w, Data(model, 0, torch.device("cpu")), 64, torch.device("cpu"), repeats=7)
+    finally:
+        torch.set_num_threads(threads)
+    names = [layer.name for layer in w.layers]
+    big = [i for i, layer in enumerate(w.layers) if layer.params > 1_000_000]
+    assert len(big) == 1, names
+    flops = np.array([layer.fwd_flops for layer in w.layers])
+    assert flops[big[0]] / flops.sum() > 0.9
+    # The 1024x1024 layer does 97 % of the FLOPs: it must take most of the time both ways.
+    assert prof["fwd"][big[0]] > 0.5 * prof["fwd"].sum()
+    assert prof["bwd"][big[0]] > 0.5 * prof["bwd"].sum()
+    assert (prof["fwd"] >= 0).all() and (prof["bwd"] >= 0).all()
+
+
+def test_compute_batch_is_the_micro_batch():
+    w = Workload.from_zoo("mlp", in_features=16, hidden=[32], out_features=4)
+    cluster = Cluster.homogeneous(nodes=2, gpus_per_node=1, gpu="cpu-core")
+    pp = Experiment(workload=w, cluster=cluster, strategy=PipelineParallel(pp=2, micro_batches=4), batch_size=64)
+    assert compute_batch(pp) == 16
+    assert compute_batch(pp.replace(strategy=AllReduceSGD())) == 64
+
+
+# ------------------------------------------------------------------ calibrate() on local processes
+
+
+@pytest.fixture(scope="module")
+def small_calibration(tmp_path_factory):
+    w = Workload.from_zoo("mlp", in_features=32, hidden=[128], out_features=4)
+    exp = Experiment(workload=w, cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, gpu="cpu-core"),
+                     strategy=AllReduceSGD(compression={"name": "qsgd", "levels": 15}), batch_size=16,
+                     iterations=6, seed=3, name="small")
+    folder = tmp_path_factory.mktemp("cal")
+    return exp, calibrate(exp, repeats=3, out=folder), folder
+
+
+def test_calibrate_measures_every_layer_and_round_trips(small_calibration):
+    exp, cal, folder = small_calibration
+    assert cal.workload.calibration_batch == 16
+    assert all(layer.fwd_time is not None and layer.bwd_time is not None for layer in cal.workload.layers)
+    assert sum(layer.fwd_time for layer in cal.workload.layers) > 0
+    assert cal.device.kernel_overhead > 0 and cal.device.flops("fp32") > 0
+    assert set(cal.cost_scale) == {"qsgd.encode", "qsgd.decode"}
+    assert cal.link is None  # no launcher given: no links measured
+    back = Calibration.load(folder)
+    assert back.device == cal.device and back.workload == cal.workload
+    assert back.cost_scale == cal.cost_scale and back.shared_cores == cal.shared_cores
+    # The saved workload loads from an experiment file's [workload] path too.
+    spec = {**exp.to_dict(), "workload": {"path": str(folder / "workload.json")}}
+    assert Experiment.from_dict(spec).workload == cal.workload
+
+
+def test_calibrated_experiment_uses_the_measurements(small_calibration):
+    exp, cal, _ = small_calibration
+    model = cal.apply(exp)
+    assert model.cluster.device == cal.device
+    assert model.compute.shared_cores == cal.shared_cores
+    assert model.compute.cost_scale == cal.cost_scale
+    # One iteration's forward is the measured per-layer times at the calibration batch.
+    tl = simulate(model.replace(compute=dataclasses.replace(model.compute, shared_cores=0))).timeline
+    fwd = tl[tl["name"].str.startswith("forward") & (tl["rank"] == 0) & (tl["iteration"] == 1)]
+    assert (fwd["end"] - fwd["start"]).sum() == pytest.approx(sum(lay.fwd_time for lay in cal.workload.layers))
+    other = exp.replace(workload=Workload.from_zoo("mlp", in_features=32, hidden=[64], out_features=4))
+    with pytest.raises(ValueError, match="not the calibrated model"):
+        cal.apply(other)
+
+
+def test_calibrate_rejects_bad_arguments(small_calibration):
+    exp = small_calibration[0]
+    for kw, field in (({"device": "tpu"}, "device"), ({"threads": 0}, "threads"), ({"repeats": 1}, "repeats"),
+                      ({"batch": 0}, "batch"), ({"shared_cores": -2}, "shared_cores")):
+        with pytest.raises(ValueError, match=field):
+            calibrate(exp, **kw)
+    with pytest.raises(ValueError, match="no calibration.json"):
+        Calibration.load(small_calibration[2] / "missing")
+
+
+# ------------------------------------------------------------------ the validation table
+
+
+def _result(iterations, updates=None, bytes_sent=(100.0, 300.0)) -> RunResult:
+    it = pd.DataFrame(iterations, columns=["rank", "iteration", "start", "end"])
+    it["duration"] = it["end"] - it["start"]
+    it["compute"] = it["duration"] / 2
+    it["comm"] = 0.0
+    it["exposed_comm"] = it["duration"] / 2
+    it["samples"] = 10
+    ranks = pd.DataFrame({"rank": [0, 1, 2], "node": [0, 1, 2], "device": "x", "kind": ["gpu", "gpu", "host"],
+                          "peak_flops": 1.0, "bytes_sent": [*bytes_sent, 1e9]})
+    up = pd.DataFrame(updates or [], columns=["worker", "server", "shard", "clock", "samples", "version_read",
+                                               "version_applied", "staleness", "read_time", "time", "applied"])
+    empty = pd.DataFrame()
+    return RunResult(experiment={}, iterations=it, timeline=empty, links=empty, ranks=ranks, updates=up)
+
+
+def test_steady_metrics_by_hand():
+    rows = [(r, i, float(i), float(i) + d) for r, d in ((0, 0.5), (1, 0.7)) for i in range(4)]
+    rows.append((2, 3, 0.0, 100.0))  # a host rank's iterations do not count
+    ups = [(0, 2, 0, c, 10, 0, s, s, 0.0, 0.0, True) for c, s in ((0, 9), (1, 9), (2, 1), (3, 3))]
+    ups.append((1, 2, 0, 3, 10, 0, 7, 7, 0.0, 0.0, False))  # dropped: not counted
+    m = steady_metrics(_result(rows, ups), warmup=2)
+    # iterations 2 and 3 of ranks 0 and 1: durations 0.5, 0.5, 0.7, 0.7
+    assert m["iteration_time_mean"] == pytest.approx(0.6)
+    assert m["iteration_time_p90"] == pytest.approx(np.quantile([0.5, 0.5, 0.7, 0.7], 0.9))
+    # 40 samples between t=2 (first start) and t=3.7 (last end)
+    assert m["throughput"] == pytest.approx(40 / 1.7)
+    assert m["staleness_mean"] == pytest.approx(2.0)  # clocks 2 and 3: staleness 1 and 3
+    assert m["bytes_per_rank"] == pytest.approx(200.0)
+
+
+def test_compare_gives_relative_errors():
+    rows = compare("e", "s", {"iteration_time_mean": 1.1, "staleness_mean": 0.0, "throughput": 5.0},
+                   {"iteration_time_mean": 1.0, "staleness_mean": 0.0}, "calibrated")
+    table = pd.DataFrame(rows, columns=VALIDATION_COLUMNS).set_index("metric")
+    assert table.loc["iteration_time_mean", "rel_error"] == pytest.approx(0.1)
+    assert table.loc["staleness_mean", "rel_error"] == 0.0  # both zero
+    assert "throughput" not in table.index  # measured lacks it
+    summary = error_summary(pd.DataFrame(rows + compare("f", "s", {"iteration_time_mean": 0.7},
+                                                        {"iteration_time_mean": 1.0}, "calibrated"),
+                                         columns=VALIDATION_COLUMNS))
+    assert summary.loc[0, "median_abs_error"] == pytest.approx(0.2)
+    assert summary.loc[0, "max_abs_error"] == pytest.approx(0.3) and summary.loc[0, "worst"] == "f"
+
+
+def test_validate_rejects_bad_input(small_calibration):
+    exp = small_calibration[0]
+    with pytest.raises(ValueError, match="empty"):
+        validate([])
+    with pytest.raises(ValueError, match=r"experiments\[0\]"):
+        validate(["x"])
+    with pytest.raises(ValueError, match="unique"):
+        validate([exp, exp])
+    with pytest.raises(ValueError, match="warmup"):
+        validate([exp], warmup=6)
+    with pytest.raises(ValueError, match="calibration"):
+        validate([exp], calibration="yes")
+
+
+def test_validate_on_local_processes(small_calibration, tmp_path):
+    exp, cal, _ = small_calibration
+    out = tmp_path / "v.csv"
+    table = validate([exp.replace(strategy=AllReduceSGD())], launcher=realrun.Local(), calibration=cal, out=out,
+                     progress=False)
+    assert list(table.columns) == VALIDATION_COLUMNS
+    assert set(table["model"]) == {"catalogue", "calibrated"}
+    written = pd.read_csv(out)
+    assert len(written) == len(table)
+    # bytes: the ring moves 2(p-1)/p of the gradients per iteration, in both executors
+    b = table[table["metric"] == "bytes_per_rank"]
+    expected = exp.iterations * 2 * (2 - 1) / 2 * 4 * exp.workload.params
+    np.testing.assert_allclose(b["measured"], expected, rtol=1e-9)
+    np.testing.assert_allclose(b["predicted"], expected, rtol=1e-9)
