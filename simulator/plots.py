@@ -198,8 +198,9 @@ def timeline(result, *, iteration: int | None = None, ranks=None, links: bool = 
 
     ``iteration`` defaults to a middle one (steady state). Ranks that record iterations show
     their spans of that iteration; ranks that do not (parameter servers) and links show what
-    overlaps the iteration's window (first start to last end over the shown ranks), clipped.
-    Time is relative to the window's start.
+    overlaps the iteration's window (first start to last end over the shown ranks), clipped;
+    links busy for less than 1 % of the window are left out. Time is relative to the window's
+    start.
     """
     tl, it = _run_tables(result, "timeline")
     iters = np.sort(it["iteration"].unique())
@@ -236,8 +237,11 @@ def timeline(result, *, iteration: int | None = None, ranks=None, links: bool = 
         hosts = set(ranks_table.loc[ranks_table["kind"] == "host", "rank"].tolist())
     labels = [f"rank {r}{' (host)' if r in hosts else ''} {s}" for r, s in rows]
     index = {row: i for i, row in enumerate(rows)}
-    if links:
-        busy = sorted(spans.loc[spans["rank"] < 0, "name"].unique(), key=_natural)
+    if links:  # links idle for 99 % of the window would only add empty rows
+        on_links = spans[spans["rank"] < 0]
+        busy_time = (on_links["end"] - on_links["start"]).groupby(on_links["name"]).sum()
+        spans = spans[(spans["rank"] >= 0) | spans["name"].map(busy_time >= 0.01 * (t1 - t0))]
+        busy = sorted(busy_time.index[busy_time >= 0.01 * (t1 - t0)], key=_natural)
         for name in busy:
             index[(-1, name)] = len(labels)
             labels.append(name)
@@ -248,12 +252,13 @@ def timeline(result, *, iteration: int | None = None, ranks=None, links: bool = 
     scale, unit = _time_unit(max(t1, float(spans["end"].max()) if len(spans) else t1) - t0)
     ax = _axes(ax, figsize=(6, min(12, max(4, 1.2 + 0.3 * len(labels)))))
     drawn = set()
+    edge = 0.3 if len(spans) <= 300 else 0.0  # separates neighbours; on dense rows it only pales them
     for kind, (label, colour) in KINDS.items():
         sub = spans[spans["kind"] == kind]
         if sub.empty:
             continue
         ax.barh(sub["row"], (sub["end"] - sub["start"]) * scale, left=(sub["start"] - t0) * scale,
-                height=0.8, color=colour, edgecolor="white", linewidth=0.3,
+                height=0.8, color=colour, edgecolor="white", linewidth=edge,
                 label=None if label in drawn else label)
         drawn.add(label)
     ax.set_yticks(range(len(labels)), labels, fontsize="small")
@@ -262,7 +267,8 @@ def timeline(result, *, iteration: int | None = None, ranks=None, links: bool = 
     ax.set_xlabel(f"time since iteration {iteration} began ({unit})")
     ax.grid(True, axis="x", alpha=0.3)
     if drawn:
-        lines = -(-len(drawn) // 4)  # at most 4 a line, the lines balanced
+        per_line = 4 if len(drawn) <= 4 else 3  # four long labels overrun an axes narrowed by row labels
+        lines = -(-len(drawn) // per_line)
         ax.legend(loc="lower left", bbox_to_anchor=(0, 1.01), ncol=-(-len(drawn) // lines), fontsize="small",
                   frameon=False, borderaxespad=0)
     return ax
@@ -558,7 +564,14 @@ def _run_label(run, i: int) -> str:
         return str(exp["name"])
     strategy = exp.get("strategy") or {}
     if strategy.get("name"):
-        detail = next((strategy[k] for k in ("mode", "schedule", "algorithm") if strategy.get(k)), None)
+        if strategy.get("mode"):
+            detail = strategy["mode"]
+        elif (strategy.get("pp") or 1) > 1:
+            detail = strategy.get("schedule")
+        elif strategy.get("zero"):
+            detail = f"stage {strategy['zero']}"
+        else:
+            detail = strategy.get("algorithm")
         return f"{strategy['name']} ({detail})" if detail else str(strategy["name"])
     return f"run {i}"
 

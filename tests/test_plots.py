@@ -81,6 +81,7 @@ def tiny_result() -> RunResult:
         (2, "compute", "apply[shard 0]", 6, 9, -1),
         (2, "comm", "send:params/shard0->0", 9, 25, -1),
         (-1, "link", "node0.nic0.up", 0, 20, -1),
+        (-1, "link", "node1.nic0.up", 19.95, 20, -1),  # under 1 % of iteration 1's 12 ms: no row
     ]
     tl = pd.DataFrame([(f"r{r}/{st}", r, st, n, s * MS, e * MS, i) for r, st, n, s, e, i in spans],
                       columns=["resource", "rank", "stream", "name", "start", "end", "iteration"])
@@ -219,6 +220,7 @@ def test_timeline_draws_the_spans_of_the_chosen_iteration():
         ("rank 2 (host) compute", 0, 1, "apply (server)"), ("rank 2 (host) comm", 1, 11, "send"),
         ("node0.nic0.up", 0, 12, "link busy"),
     ])
+    assert "node1.nic0.up" not in [t.get_text() for t in ax.get_yticklabels()]
     assert bars(ax) == expected
     assert "(ms)" in ax.get_xlabel()
     legend = {t.get_text() for t in ax.get_legend().get_texts()}
