@@ -227,24 +227,11 @@ def staleness_histogram(result: RunResult) -> pd.DataFrame:
 
 
 def plot_staleness(results, ax=None, *, labels=None):
-    """Staleness distributions (fraction of applied gradients per staleness) of one or more runs."""
-    import matplotlib.pyplot as plt
+    """Staleness distributions (fraction of applied gradients per staleness) of one or more runs;
+    see :func:`simulator.plots.staleness`."""
+    from simulator.plots import staleness
 
-    if isinstance(results, RunResult):
-        results = [results]
-    if ax is None:
-        _, ax = plt.subplots(figsize=(6, 4))
-    for i, result in enumerate(results):
-        hist = staleness_histogram(result)
-        label = labels[i] if labels else (result.experiment.get("name") or f"run {i}")
-        if len(hist):  # every value from 0 to the max, so the steps do not bridge empty bins
-            full = hist.set_index("staleness")["fraction"].reindex(range(int(hist["staleness"].max()) + 1),
-                                                                    fill_value=0.0)
-            ax.step(full.index, full.to_numpy(), where="mid", label=label)
-    ax.set_xlabel("staleness (updates between read and apply)")
-    ax.set_ylabel("fraction of applied gradients")
-    ax.legend(fontsize="small")
-    return ax
+    return staleness(results, kind="hist", labels=labels, ax=ax)
 
 
 def chrome_trace(result: RunResult) -> dict:

@@ -290,5 +290,5 @@ def test_staleness_histogram_and_plot():
     assert hist["count"].tolist() == [1, 1, 1, total - 3]
     assert hist["fraction"].sum() == pytest.approx(1.0)
     ax = plot_staleness(result, labels=["async"])
-    xs, ys = ax.lines[0].get_data()
-    assert list(xs) == [0, 1, 2, 3] and ys[-1] == pytest.approx((total - 3) / total)
+    ys, edges, _ = ax.patches[0].get_data()  # a step histogram, one bin per staleness 0..3
+    assert list(edges) == [-0.5, 0.5, 1.5, 2.5, 3.5] and ys[-1] == pytest.approx((total - 3) / total)
