@@ -82,13 +82,8 @@ def cases(quick: bool = False) -> list[Experiment]:
 
 
 def main(argv=None) -> int:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from realrun import EmulatedCluster
-    from realrun.validate import error_summary, validate
+    from realrun.validate import error_summary, validate, write_report
 
     parser = argparse.ArgumentParser(prog="python -m experiments.validation", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="validation-out")
@@ -97,16 +92,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     table = validate(cases(args.quick), launcher=EmulatedCluster(), out=out / "validation.csv")
     print(error_summary(table).to_string(index=False))
-    try:
-        from simulator.plots import error_by_strategy, predicted_vs_measured
-    except ImportError:
-        return 0
-    for fn, name in ((predicted_vs_measured, "predicted_vs_measured.png"), (error_by_strategy, "error_by_strategy.png")):
-        fig, ax = plt.subplots(figsize=(7, 5))
-        fn(table[table["model"] == "calibrated"], metric="iteration_time_mean", ax=ax)
-        fig.tight_layout()
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
+    write_report(table, out)
     return 0
 
 

@@ -199,3 +199,30 @@ def error_summary(table: pd.DataFrame, metric: str = "iteration_time_mean") -> p
                      "median_abs_error": float(e.median()), "max_abs_error": float(e.max()),
                      "worst": str(group.loc[e.idxmax(), "experiment"]) if len(group) else ""})
     return pd.DataFrame(rows)
+
+
+def write_report(table: pd.DataFrame, folder: str | Path, metric: str = "iteration_time_mean") -> list[Path]:
+    """Plots of a validation table into ``folder``: ``predicted_vs_measured.png`` (log axes,
+    y = x, a marker per strategy; one panel per model) and ``error_by_strategy.png``
+    (|relative error| per strategy, one panel per model)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from simulator.plots import error_by_strategy, predicted_vs_measured
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    models = [m for m in MODELS if (table["model"] == m).any()]
+    paths = []
+    for fn, name in ((predicted_vs_measured, "predicted_vs_measured.png"), (error_by_strategy, "error_by_strategy.png")):
+        fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            fn(table[table["model"] == model], metric=metric, ax=ax)
+            ax.set_title(f"{model} model: {metric.replace('_', ' ')}")
+        fig.tight_layout()
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        paths.append(folder / name)
+    return paths

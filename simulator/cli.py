@@ -4,6 +4,8 @@
     clustersim collective --op all_reduce --algorithm ring --size 256MB [--nodes 8 ...]
     clustersim demo [--out DIR] [--quick]
     clustersim realrun FILE [--launcher local|emulated|torchrun] [--bandwidth 1Gbps] [--out DIR]
+    clustersim calibrate FILE [--launcher none|local|emulated] [--out DIR]
+    clustersim validate [FILE ... | --matrix] [--quick] [--launcher emulated|local] [--out DIR]
 
 User errors (a bad file, a bad value) print one line and exit with status 2.
 The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
@@ -117,6 +119,71 @@ def cmd_realrun(args) -> int:
     return 0
 
 
+def _launcher(name: str, bandwidth=None):
+    import realrun
+
+    if name != "emulated" and bandwidth is not None:
+        raise ValueError("--bandwidth applies to --launcher emulated only")
+    return {"local": realrun.Local, "emulated": lambda: realrun.EmulatedCluster(bandwidth=bandwidth)}[name]()
+
+
+def cmd_calibrate(args) -> int:
+    from realrun.calibrate import calibrate
+    from simulator.experiment import load_experiment
+    from simulator.units import fmt_bandwidth, fmt_time
+
+    experiment = load_experiment(args.file)
+    name = experiment.name or Path(args.file).stem
+    out = Path(args.out or f"calibration-{name}")
+    launcher = None if args.launcher == "none" else _launcher(args.launcher)
+    print(f"{name}: calibrating {args.device}" + (f" and the {args.launcher} launcher's links" if launcher else ""),
+          flush=True)
+    cal = calibrate(experiment, launcher=launcher, device=args.device, threads=args.threads, out=out)
+    dev = cal.device
+    facts = {
+        "fp32 matmul": f"{dev.flops('fp32') / 1e9:.1f} GFLOP/s",
+        "optimizer memory bandwidth": fmt_bandwidth(dev.mem_bandwidth),
+        "op overhead": fmt_time(dev.kernel_overhead),
+        "forward (model)": fmt_time(sum(layer.fwd_time for layer in cal.workload.layers)),
+        "backward (model)": fmt_time(sum(layer.bwd_time for layer in cal.workload.layers)),
+        "batch": cal.workload.calibration_batch,
+        "shared cores": cal.shared_cores,
+    }
+    if cal.link is not None:
+        facts["link bandwidth"] = fmt_bandwidth(cal.link.bandwidth, "bps")
+        facts["link latency"] = fmt_time(cal.link.latency)
+    for key, value in cal.cost_scale.items():
+        facts[f"{key} (measured/model)"] = f"{value:.2f}"
+    print_summary(facts)
+    print(f"calibration written to {out} (workload.json, calibration.json)")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from experiments import validation
+    from realrun.validate import error_summary, validate, write_report
+    from simulator.experiment import load_experiment
+
+    if args.files and args.matrix:
+        raise ValueError("give experiment files or --matrix, not both")
+    if args.files:
+        experiments = []
+        for f in args.files:
+            exp = load_experiment(f)
+            experiments.append(exp if exp.name else exp.replace(name=Path(f).stem))
+    else:
+        experiments = validation.cases(quick=args.quick)
+    out = Path(args.out)
+    table = validate(experiments, launcher=_launcher(args.launcher),
+                     calibration=None if args.no_calibrate else "auto", out=out / "validation.csv",
+                     progress=sys.stderr.isatty() or None)
+    print(error_summary(table).to_string(index=False))
+    for path in write_report(table, out):
+        print(f"wrote {path}")
+    print(f"table written to {out / 'validation.csv'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from experiments import allreduce_algorithms
 
@@ -165,6 +232,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=None, help="seconds the whole run may take")
     p.add_argument("--out", help="folder for the result tables (CSV) and summary")
     p.set_defaults(func=cmd_realrun)
+
+    p = sub.add_parser("calibrate", help="measure this machine (and emulated links) for an experiment's model")
+    p.add_argument("file")
+    p.add_argument("--launcher", choices=("none", "local", "emulated"), default="none",
+                   help="whose links to measure: none (keep the catalogue's), local (loopback), emulated (root)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per rank (default 1)")
+    p.add_argument("--out", help="folder for the calibration (default: calibration-NAME)")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("validate", help="run experiments for real and simulated; predicted vs measured")
+    p.add_argument("files", nargs="*", help="experiment files (default: the validation matrix)")
+    p.add_argument("--matrix", action="store_true", help="the validation matrix that ships with clustersim")
+    p.add_argument("--quick", action="store_true", help="four cases of the matrix, one per family")
+    p.add_argument("--launcher", choices=("local", "emulated"), default="emulated",
+                   help="emulated cluster (root; links shaped to each experiment's bandwidth) or local processes")
+    p.add_argument("--no-calibrate", action="store_true", help="catalogue predictions only")
+    p.add_argument("--out", default="validation-out", help="output folder (default: validation-out)")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("demo", help="what-if: all-reduce algorithms x cluster size x network speed")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
