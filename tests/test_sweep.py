@@ -26,6 +26,7 @@ import pytest
 from builders import small_workload
 
 from simulator import Cluster, ComputeModel, Experiment, Workload, simulate, sweep
+from simulator.cli import EXIT_USAGE, main, parse_value
 from simulator.progress import ProgressBar
 from simulator.results import SUMMARY_KEYS
 from strategies import AllReduceSGD, ParameterServer
@@ -423,3 +424,51 @@ def test_progress_bar_estimates_from_its_own_rate():
     bar.update(7)
     last = file.getvalue().split("\r")[-1]
     assert "7/10 points" in last and "left" in last and last.count("#") == 21
+
+
+# -- command line -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def experiment_file(tmp_path):
+    path = tmp_path / "exp.json"
+    path.write_text(base_experiment().to_json())
+    return path
+
+
+def test_cli_sweep_prints_and_writes_the_table(capsys, experiment_file, tmp_path):
+    csv = tmp_path / "table.csv"
+    code = main(["sweep", str(experiment_file), "--set", "cluster.nodes=1,2", "--set", "strategy.algorithm=ring,tree",
+                 "--csv", str(csv), "--out", str(tmp_path / "rows.jsonl"), "--workers", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "small-sweep: 4 points over cluster.nodes, strategy.algorithm" in out
+    table = pd.read_csv(csv)
+    assert len(table) == 4 and list(table.columns[:2]) == ["cluster.nodes", "strategy.algorithm"]
+    for (_, row), (nodes, algorithm) in zip(table.iterrows(), itertools.product([1, 2], ["ring", "tree"])):
+        expected = simulate(base_experiment(cluster=cluster(nodes), strategy=AllReduceSGD(algorithm=algorithm)))
+        assert (row["cluster.nodes"], row["strategy.algorithm"]) == (nodes, algorithm)
+        assert row["throughput"] == pytest.approx(expected.summary()["throughput"], rel=1e-12)
+    assert len(file_rows(tmp_path / "rows.jsonl")) == 4
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--set", "cluster.nodes"], "--set must be KEY=V1,V2"),
+    (["--set", "cluster.nodes="], "--set must be KEY=V1,V2"),
+    (["--set", "cluster.nodes=1,,2"], "empty value"),
+    (["--set", "cluster.nodez=1"], "no 'nodez' in cluster"),
+    (["--set", "seed=1", "--set", "seed=2"], "given twice"),
+    (["--set", "seed=1", "--workers", "0"], "--workers must be at least 1"),
+    ([], "the following arguments are required: --set"),
+])
+def test_cli_sweep_bad_input_is_one_line(capsys, experiment_file, argv, words):
+    code = main(["sweep", str(experiment_file), *argv])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert err.count("\n") == 1 and err.startswith("clustersim: error: ") and "Traceback" not in err
+    assert words in err
+
+
+def test_cli_values_are_numbers_where_they_read_as_numbers():
+    assert [parse_value(v) for v in ["4", "-2", "0.5", "1e3", "true", "False", "none", "ring", "25Gbps", "nan"]] \
+        == [4, -2, 0.5, 1000.0, True, False, None, "ring", "25Gbps", "nan"]
