@@ -13,6 +13,7 @@ from pathlib import Path
 from realrun.launch import EmulatedCluster, Local, Torchrun, kill
 from realrun.records import build_result, read_rows
 from realrun.worker import SPEC, run_rank
+from simulator.progress import ProgressBar
 
 BACKENDS = ("gloo", "nccl")
 DEVICES = ("cpu", "cuda")
@@ -143,7 +144,7 @@ class _Progress:
         self.total = experiment.iterations * self.gpus
         self.done = 0
         self._sizes: dict[int, int] = {}
-        self._bar = report is True
+        self._bar = ProgressBar(self.total, unit="iterations") if report is True else None
 
     def poll(self) -> None:
         if not self.report:
@@ -160,22 +161,14 @@ class _Progress:
             self.show()
 
     def show(self) -> None:
-        import sys
-
-        if self._bar:
-            frac = min(1.0, self.done / self.total) if self.total else 1.0
-            width = 30
-            fill = int(frac * width)
-            sys.stderr.write(f"\r[{'#' * fill}{'.' * (width - fill)}] {self.done}/{self.total} iterations")
-            sys.stderr.flush()
+        if self._bar is not None:
+            self._bar.update(self.done)
         else:
             self.report(self.done, self.total)
 
     def close(self) -> None:
-        if self._bar:
-            import sys
-
-            sys.stderr.write("\n")
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _supervise(experiment, launcher, folder: Path, stats: dict, threads: int, timeout, progress):

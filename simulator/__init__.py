@@ -2,7 +2,7 @@
 
 Stable public names::
 
-    from simulator import Experiment, Cluster, Workload, simulate, simulate_collective
+    from simulator import Experiment, Cluster, Workload, simulate, simulate_collective, sweep
 
 """
 
@@ -13,6 +13,7 @@ from simulator.executor import simulate
 from simulator.experiment import Experiment, load_experiment
 from simulator.hardware import DEVICES, LINKS, Device, LinkSpec, device, link
 from simulator.results import RunResult
+from simulator.sweep import sweep
 from simulator.workload import Layer, Workload
 
 __all__ = [
@@ -33,4 +34,5 @@ __all__ = [
     "load_experiment",
     "simulate",
     "simulate_collective",
+    "sweep",
 ]

@@ -6,6 +6,7 @@
     clustersim realrun FILE [--launcher local|emulated|torchrun] [--bandwidth 1Gbps] [--out DIR]
     clustersim calibrate FILE [--launcher none|local|emulated] [--out DIR]
     clustersim validate [FILE ... | --matrix] [--quick] [--launcher emulated|local] [--out DIR]
+    clustersim sweep FILE --set KEY=V1,V2 [--set ...] [--out ROWS.jsonl] [--csv TABLE.csv] [--workers N]
 
 User errors (a bad file, a bad value) print one line and exit with status 2.
 The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
@@ -14,6 +15,7 @@ The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -181,6 +183,79 @@ def cmd_validate(args) -> int:
     for path in write_report(table, out):
         print(f"wrote {path}")
     print(f"table written to {out / 'validation.csv'}")
+def parse_value(text: str):
+    """A ``--set`` value: an integer, a number, true/false, none, or else the string itself."""
+    text = text.strip()
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for kind in (int, float):
+        try:
+            value = kind(text)
+        except ValueError:
+            continue
+        if kind is int or math.isfinite(value):  # "nan", "inf": names, not numbers, here
+            return value
+    return text
+
+
+def parse_settings(settings: list[str]) -> dict[str, list]:
+    """``["KEY=V1,V2", ...]`` as a sweep grid."""
+    grid: dict[str, list] = {}
+    for setting in settings:
+        key, sep, values = setting.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise ValueError(f"--set must be KEY=V1,V2,... (e.g. cluster.nodes=1,2,4), got {setting!r}")
+        if key in grid:
+            raise ValueError(f"--set {key} is given twice; list all its values in one --set")
+        items = values.split(",")
+        if any(not item.strip() for item in items):
+            raise ValueError(f"--set {key}: empty value in {values!r}")
+        grid[key] = [parse_value(item) for item in items]
+    return grid
+
+
+def cmd_sweep(args) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from simulator.experiment import load_experiment
+    from simulator.sweep import sweep
+
+    experiment = load_experiment(args.file)
+    grid = parse_settings(args.set)
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.csv:  # fail before the sweep runs, not after it
+        csv = Path(args.csv)
+        if csv.is_dir():
+            raise ValueError(f"--csv {args.csv!r} is a folder; give a file name")
+        csv.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(csv.parent, os.W_OK):
+            raise ValueError(f"--csv {args.csv!r}: cannot write in folder {str(csv.parent)!r}")
+    executor = ProcessPoolExecutor(args.workers) if args.workers else None
+    try:
+        table = sweep(experiment, grid, executor=executor, out=args.out)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    name = experiment.name or Path(args.file).stem
+    points = len(table)
+    print(f"{name}: {points} point{'s' if points != 1 else ''} over {', '.join(grid)}")
+    shown = table[list(grid) + [c for c in ("throughput", "iteration_time_mean", "error") if c in table]]
+    if "error" in shown:  # the whole message is in --csv; a screen row shows its start
+        shown = shown.assign(error=shown["error"].map(lambda e: e if not isinstance(e, str) or len(e) <= 60
+                                                      else e[:59] + "…"))
+    print(shown.to_string(index=False, float_format=_fmt))
+    if "error" in table:
+        print(f"{int(table['error'].notna().sum())} of {points} points failed (see the error column)")
+    if args.out:
+        print(f"rows written to {args.out}")
+    if args.csv:
+        table.to_csv(args.csv, index=False)
+        print(f"table written to {args.csv}")
     return 0
 
 
@@ -251,6 +326,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-calibrate", action="store_true", help="catalogue predictions only")
     p.add_argument("--out", default="validation-out", help="output folder (default: validation-out)")
     p.set_defaults(func=cmd_validate)
+    p = sub.add_parser("sweep", help="simulate an experiment file at every point of a grid of values")
+    p.add_argument("file")
+    p.add_argument("--set", action="append", required=True, metavar="KEY=V1,V2",
+                   help="values of one field (dotted path, e.g. cluster.nodes=1,2,4); repeat for a grid")
+    p.add_argument("--out", help="JSON-lines file rows are appended to as they finish; "
+                                 "given again, the sweep runs only the points it lacks")
+    p.add_argument("--csv", help="write the table (every summary metric) as CSV here")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("demo", help="what-if: all-reduce algorithms x cluster size x network speed")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")

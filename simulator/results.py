@@ -153,6 +153,21 @@ def _quantile(values: pd.Series, q: float) -> float:
     return float(np.quantile(values.to_numpy(), q)) if len(values) else float("nan")
 
 
+SUMMARY_KEYS = (
+    "executor", "world_size", "iterations", "makespan", "throughput", "iteration_time_mean",
+    "iteration_time_p50", "iteration_time_p99", "compute_time_mean", "exposed_comm_mean",
+    "scaling_efficiency", "compute_utilisation", "model_flops_utilisation", "achieved_flops_per_device",
+    "network_utilisation", "bytes_on_wire",
+    # with a memory table
+    "peak_memory", "peak_memory_fraction", "memory_fits",
+    # with updates (parameter servers)
+    "updates_applied", "updates_dropped", "updates_per_second", "applied_samples_per_second",
+    "staleness_mean", "staleness_p50", "staleness_p99", "staleness_max",
+)
+"""Every key :func:`summarise` may give, in its order (a run has the last two groups only
+when it has a memory table and updates)."""
+
+
 def summarise(result: RunResult) -> dict:
     """Throughput, iteration time statistics, efficiency and utilisation."""
     st = result.stats
