@@ -38,7 +38,7 @@ from simulator import Cluster, Experiment, Workload
 from strategies import AllReduceSGD, LocalSGD, ParameterServer, PipelineParallel
 
 BATCH = 256
-ITERATIONS = 12
+ITERATIONS = 20
 
 
 def _workload() -> Workload:
@@ -54,7 +54,7 @@ def cases(quick: bool = False) -> list[Experiment]:
     """The matrix's experiments (``quick``: one of each family)."""
     w = _workload()
 
-    def exp(name, strategy, nodes=3, bandwidth="400Mbps", **kw):
+    def exp(name, strategy, nodes=2, bandwidth="400Mbps", **kw):
         return Experiment(workload=w, cluster=_cluster(nodes, bandwidth), strategy=strategy, batch_size=BATCH,
                           iterations=kw.pop("iterations", ITERATIONS), seed=1, name=name, **kw)
 
@@ -66,14 +66,14 @@ def cases(quick: bool = False) -> list[Experiment]:
         exp("dp-tree-400M", AllReduceSGD(algorithm="tree", bucket_mb=0.5)),
         exp("ps-sync-1", ParameterServer(mode="sync", servers=1, **ps)),
         exp("ps-sync-2", ParameterServer(mode="sync", servers=2, **ps)),
-        exp("ps-async", ParameterServer(mode="async", servers=1, **ps), iterations=16),
-        exp("ps-ssp-1", ParameterServer(mode="ssp", staleness_bound=1, servers=1, **ps), iterations=16),
+        exp("ps-async", ParameterServer(mode="async", servers=1, **ps), iterations=24),
+        exp("ps-ssp-1", ParameterServer(mode="ssp", staleness_bound=1, servers=1, **ps), iterations=24),
         exp("local-sgd-2", LocalSGD(period=2, bucket_mb=0.5)),
         exp("dp-qsgd", AllReduceSGD(bucket_mb=0.5, compression={"name": "qsgd", "levels": 15})),
         exp("dp-topk", AllReduceSGD(bucket_mb=0.5, compression={"name": "topk", "ratio": 0.01})),
         exp("dp-powersgd", AllReduceSGD(bucket_mb=0.5, compression={"name": "powersgd", "rank": 4})),
-        exp("pp-gpipe", PipelineParallel(pp=2, micro_batches=4, schedule="gpipe"), nodes=2),
-        exp("pp-1f1b", PipelineParallel(pp=2, micro_batches=4, schedule="1f1b"), nodes=2),
+        exp("pp-gpipe", PipelineParallel(pp=2, micro_batches=4, schedule="gpipe")),
+        exp("pp-1f1b", PipelineParallel(pp=2, micro_batches=4, schedule="1f1b")),
     ]
     if quick:
         keep = {"dp-ring-400M", "ps-async", "dp-topk", "pp-1f1b"}

@@ -198,6 +198,40 @@ def profile_layers(module, workload: Workload, data, batch: int, device: torch.d
             "fwd_total": fwd_total, "bwd_total": bwd_total}
 
 
+IDLE_GAPS = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05)
+"""Idle seconds before a forward and backward at which :func:`measure_idle_slowdown` times them."""
+
+
+def measure_idle_slowdown(module, data, batch: int, device: torch.device, *, gaps=IDLE_GAPS,
+                          repeats: int = 10) -> tuple[tuple[float, float], ...]:
+    """How much slower a forward and backward runs after the processor sat idle for a while
+    (waiting on the network): ``(gap seconds, time after that gap / time with none)`` pairs,
+    means over ``repeats`` passes. Caches go cold and cores clock down while a rank waits;
+    on a CPU this costs tens of percent after tens of milliseconds."""
+    x = data.inputs(0, 0, batch, 0, batch)
+
+    def step():
+        module.zero_grad(set_to_none=False)
+        data.loss(module(x), 0, 0, batch, 0, batch).backward()
+        _sync(device)
+
+    out = []
+    base = None
+    for gap in gaps:
+        step()
+        times = []
+        for _ in range(repeats):
+            if gap:
+                time.sleep(gap)
+            t0 = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t0)
+        mean = statistics.fmean(times)
+        base = mean if base is None else base
+        out.append((float(gap), mean / base))
+    return tuple(out)
+
+
 def measure_device(device: torch.device, *, repeats: int = 10) -> dict:
     """fp32 matmul FLOP/s, streaming bandwidth (bytes/s) and seconds per small op."""
     n = 1024 if device.type == "cpu" else 8192
@@ -290,6 +324,9 @@ class Calibration:
     """Cores the ranks of a run on the calibrated machine share (0: a device per rank)."""
     cost_scale: dict = field(default_factory=dict)
     """Measured over modelled compressor work (see :attr:`simulator.ComputeModel.cost_scale`)."""
+    idle_slowdown: tuple = ()
+    """``(idle seconds, slowdown)`` pairs from :func:`measure_idle_slowdown`: compute after a
+    rank waited that long runs that many times slower. Empty: no such effect."""
     optimizer_seconds: dict = field(default_factory=dict)
     """Measured seconds of one optimizer step over the whole model, per optimizer."""
     measurements: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MEASUREMENT_COLUMNS))
@@ -317,8 +354,43 @@ class Calibration:
         strategy = experiment.strategy
         if isinstance(getattr(strategy, "server_device", None), str | dict):  # servers run here too
             strategy = dataclasses.replace(strategy, server_device=self.device.to_dict())
-        return experiment.replace(workload=self.workload, cluster=self.cluster_for(experiment.cluster),
-                                  compute=compute, strategy=strategy)
+        calibrated = experiment.replace(workload=self.workload, cluster=self.cluster_for(experiment.cluster),
+                                        compute=compute, strategy=strategy)
+        factor = self.idle_factor(calibrated)
+        if factor != 1.0:
+            layers = tuple(dataclasses.replace(layer, fwd_time=layer.fwd_time * factor, bwd_time=layer.bwd_time * factor)
+                           for layer in self.workload.layers)
+            calibrated = calibrated.replace(workload=dataclasses.replace(self.workload, layers=layers))
+        return calibrated
+
+    def idle_factor(self, calibrated) -> float:
+        """The slowdown of compute in ``calibrated`` (this calibration applied, hot compute).
+
+        Simulated, each forward and backward of a GPU rank follows some idle time: the gaps
+        in the rank's compute since its previous forward or backward (an optimizer step
+        between them does not warm the caches the layers use). :attr:`idle_slowdown` gives
+        the slowdown after that much idle (linear between the gaps measured, the last beyond
+        them); the result is the ops' slowdowns averaged weighted by their times."""
+        if len(self.idle_slowdown) < 2:
+            return 1.0
+        from simulator.executor import simulate
+
+        gaps, factors = zip(*self.idle_slowdown)
+        tl = simulate(calibrated).timeline
+        tl = tl[(tl["stream"] == "compute") & tl["rank"].between(0, calibrated.cluster.num_gpus - 1)]
+        weighted = total = 0.0
+        for _, spans in tl.sort_values(["start", "end"]).groupby("rank"):
+            idle, last_end, seen = 0.0, None, False
+            for name, start, end in zip(spans["name"], spans["start"], spans["end"]):
+                if last_end is not None:
+                    idle += max(start - last_end, 0.0)
+                last_end = max(end, last_end) if last_end is not None else end
+                if name.startswith(("forward", "backward")):
+                    if seen:  # the run's very first op has nothing before it
+                        weighted += float(np.interp(idle, gaps, factors)) * (end - start)
+                        total += end - start
+                    seen, idle = True, 0.0
+        return weighted / total if total > 0 else 1.0
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)
@@ -329,6 +401,7 @@ class Calibration:
             "link": None if self.link is None else self.link.to_dict(),
             "shared_cores": self.shared_cores,
             "cost_scale": self.cost_scale,
+            "idle_slowdown": [list(p) for p in self.idle_slowdown],
             "optimizer_seconds": self.optimizer_seconds,
             "machine": self.machine,
             "measurements": json.loads(self.measurements.to_json(orient="records")),
@@ -349,41 +422,48 @@ class Calibration:
             link=None if spec.get("link") is None else LinkSpec.from_dict(spec["link"]),
             shared_cores=int(spec.get("shared_cores", 0)),
             cost_scale=dict(spec.get("cost_scale", {})),
+            idle_slowdown=tuple(tuple(p) for p in spec.get("idle_slowdown", [])),
             optimizer_seconds=spec.get("optimizer_seconds", {}),
             measurements=pd.DataFrame(spec.get("measurements", []), columns=MEASUREMENT_COLUMNS),
             machine=spec.get("machine", {}),
         )
 
 
-def measure_executor(experiment, batch: int, *, threads: int, device: str, iterations: int = 12,
-                     model=None, data=None, loss=None, timeout: float = 300) -> dict:
+def measure_executor(experiment, batch: int, *, threads: int, device: str, ranks: int = 1, iterations: int = 20,
+                     launcher=None, model=None, data=None, loss=None, timeout: float = 300) -> dict:
     """Forward, backward and optimizer-step seconds per iteration of the experiment's model
-    trained by realrun on one rank (``Local``), medians over iterations after the first two:
-    what the executor's own compute costs, hooks, data and loss included."""
+    trained by realrun (``Local``) on ``ranks`` ranks that compute side by side and never
+    communicate (local SGD that never averages), on ``launcher`` (default ``Local()``), means
+    over ranks and iterations after the first two (means: they predict mean iteration
+    times, hiccups included): what the executor's own compute costs, hooks, data and loss
+    included, with as many ranks busy as in the run (caches, memory bandwidth and the
+    scheduler are shared as they will be)."""
     from realrun.launch import Local
     from realrun.run import run
     from simulator import Experiment
-    from strategies import AllReduceSGD
+    from strategies import LocalSGD
 
-    cluster = dataclasses.replace(experiment.cluster, nodes=1, gpus_per_node=1, hosts=(), devices=None,
+    cluster = dataclasses.replace(experiment.cluster, nodes=ranks, gpus_per_node=1, hosts=(), devices=None,
                                   nics_per_node=1)
-    solo = Experiment(workload=experiment.workload, cluster=cluster, strategy=AllReduceSGD(bucket_mb=1e6),
+    solo = Experiment(workload=experiment.workload, cluster=cluster,
+                      strategy=LocalSGD(period=iterations + 1, bucket_mb=1e6),
                       batch_size=batch, iterations=iterations, seed=experiment.seed,
                       optimizer=experiment.optimizer, name="calibrate-compute")
-    result = run(solo, launcher=Local(), threads=threads, device=device, model=model, data=data, loss=loss,
-                 timeout=timeout)
+    result = run(solo, launcher=launcher if launcher is not None else Local(), threads=threads, device=device,
+                 model=model, data=data, loss=loss, timeout=timeout)
     tl = result.timeline
-    tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2)]
+    tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2) & (tl["iteration"] < iterations - 1)]
     kind = tl["name"].str.extract(r"^(\w+)", expand=False)
-    per = (tl["end"] - tl["start"]).groupby([kind, tl["iteration"]]).sum()
-    return {k: float(per[k].median()) for k in ("forward", "backward", "optimizer_step")}
+    per = (tl["end"] - tl["start"]).groupby([kind, tl["rank"], tl["iteration"]]).sum()
+    return {k: float(per[k].mean()) for k in ("forward", "backward", "optimizer_step")}
 
 
 def measure_codecs(experiment, calibration: Calibration, *, threads: int, device: str, iterations: int = 8,
-                   timeout: float = 300) -> tuple[dict, list]:
+                   launcher=None, timeout: float = 300) -> tuple[dict, list]:
     """Measured over modelled time of the experiment's compressor's encode and decode: the
-    experiment on two single-rank nodes run by realrun (``Local``) against the simulator's
-    roofline of the same ops on the calibrated device, per iteration from the third on.
+    experiment on two single-rank nodes run by realrun on ``launcher`` (default ``Local()``)
+    against the simulator's roofline of the same ops on the calibrated device, means per rank
+    and iteration from the third on.
     Returns the factors (``{"<name>.encode": f, "<name>.decode": f}``) and measurement rows."""
     from realrun.launch import Local
     from realrun.run import run
@@ -395,7 +475,8 @@ def measure_codecs(experiment, calibration: Calibration, *, threads: int, device
     cluster = dataclasses.replace(experiment.cluster, nodes=2, gpus_per_node=1, devices=None, nics_per_node=1)
     two = experiment.replace(cluster=cluster, iterations=iterations, name="calibrate-codec",
                              batch_size=compute_batch(experiment) * getattr(experiment.strategy, "micro_batches", 1))
-    real = run(two, launcher=Local(), threads=threads, device=device, timeout=timeout)
+    real = run(two, launcher=launcher if launcher is not None else Local(), threads=threads, device=device,
+               timeout=timeout)
     model = calibration.apply(two)
     model = model.replace(compute=dataclasses.replace(model.compute, shared_cores=0, cost_scale={}))
     sim = simulate(model)
@@ -406,7 +487,7 @@ def measure_codecs(experiment, calibration: Calibration, *, threads: int, device
             tl = result.timeline
             tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2) & tl["name"].str.startswith(kind + "[")]
             per_rank_iteration = (tl["end"] - tl["start"]).groupby([tl["rank"], tl["iteration"]]).sum()
-            seconds.append(float(per_rank_iteration.median()) if len(per_rank_iteration) else 0.0)
+            seconds.append(float(per_rank_iteration.mean()) if len(per_rank_iteration) else 0.0)
         measured, modelled = seconds
         if measured > 0 and modelled > 0:
             factors[f"{comp.name}.{kind}"] = measured / modelled
@@ -414,16 +495,18 @@ def measure_codecs(experiment, calibration: Calibration, *, threads: int, device
     return factors, rows
 
 
-def calibrate(experiment, *, launcher=None, device: str = "cpu", threads: int = 1, batch: int | None = None,
-              repeats: int = 10, link_sizes=(65536, 262144, 1 << 20, 4 << 20), link_repeats: int = 4,
+def calibrate(experiment, *, launcher=None, links: bool | None = None, device: str = "cpu", threads: int = 1,
+              batch: int | None = None, repeats: int = 10, link_sizes=(65536, 262144, 1 << 20, 4 << 20), link_repeats: int = 4,
               shared_cores: int | None = None, model=None, data=None, loss=None,
               out: str | Path | None = None) -> Calibration:
     """Measure this machine (and ``launcher``'s links) for ``experiment``'s model and strategy.
 
     ``batch``: samples per forward to time (default: the experiment's compute batch, see
     :func:`compute_batch`). ``threads``: intra-op threads per rank, as realrun's ranks use
-    them. ``launcher``: a realrun launcher whose links to measure (``EmulatedCluster()`` for
-    the emulated cluster); ``None`` measures no links (the experiment's catalogue link stays).
+    them. ``launcher``: where the runs to predict will go (``EmulatedCluster()`` for the
+    emulated cluster; default ``Local()``): the executor's compute is measured there, and
+    with ``links`` (default: yes for any launcher but ``Local``) its links are measured and
+    fitted; without, the experiment's catalogue link stays.
     ``shared_cores``: the cores all ranks of a run on this machine share (default: this
     machine's core count when ``device="cpu"``, none on a GPU); see
     :attr:`simulator.ComputeModel.shared_cores`. ``out``: a folder to save the calibration to.
@@ -453,10 +536,18 @@ def calibrate(experiment, *, launcher=None, device: str = "cpu", threads: int = 
         ModelState(module, workload, dev)  # checks the model is the workload's
         feed = Data(module, experiment.seed, dev, make_input=data, loss=loss)
         prof = profile_layers(module, workload, feed, batch, dev, repeats=repeats)
+        idle = measure_idle_slowdown(module, feed, batch, dev, repeats=repeats) if device == "cpu" else ()
         hw = measure_device(dev, repeats=repeats)
     finally:
         torch.set_num_threads(saved_threads)
-    solo = measure_executor(experiment, batch, threads=threads, device=device, model=model, data=data, loss=loss)
+    # as many ranks computing at once as the run has (on a CPU, at most one per core)
+    busy = experiment.cluster.num_gpus
+    if device == "cpu":
+        busy = min(busy, shared_cores or busy, os.cpu_count() or 1)
+    solo = measure_executor(experiment, batch, threads=threads, device=device, ranks=max(1, busy), model=model,
+                            launcher=launcher, data=data, loss=loss)
+    if links is None:
+        links = launcher is not None and type(launcher).__name__ != "Local"
     # The layers' shares of the model's time, scaled to what the executor takes for the whole model.
     fwd = prof["fwd"] * (solo["forward"] / max(prof["fwd"].sum(), 1e-300))
     bwd = prof["bwd"] * (solo["backward"] / max(prof["bwd"].sum(), 1e-300))
@@ -488,15 +579,18 @@ def calibrate(experiment, *, launcher=None, device: str = "cpu", threads: int = 
              ("matmul_flops", "fp32", 1024, hw["fp32_flops"], float("nan")),
              ("stream_bandwidth", "add", 64 << 20, hw["mem_bandwidth"], float("nan")),
              ("op_overhead", "add", 16, overhead, float("nan"))]
-    cal = Calibration(device=dev_spec, workload=measured, shared_cores=shared_cores)
-    cost_scale, codec_rows = measure_codecs(experiment, cal, threads=threads, device=device)
+    rows += [("idle_slowdown", f"after {gap * 1e3:g} ms idle", batch, factor, float("nan")) for gap, factor in idle]
+    cal = Calibration(device=dev_spec, workload=measured, shared_cores=shared_cores, idle_slowdown=idle)
+    cost_scale, codec_rows = measure_codecs(experiment, cal, threads=threads, device=device, launcher=launcher)
     rows += codec_rows
     link = None
-    if launcher is not None:
-        links = measure_links(experiment, launcher, sizes=link_sizes, repeats=link_repeats)
-        alpha, beta = fit_alpha_beta(list(zip(links["messages"], links["wire_bytes"], links["seconds"])))
+    if links:
+        if launcher is None:
+            raise ValueError("calibrate: links=True needs a launcher whose links to measure")
+        table = measure_links(experiment, launcher, sizes=link_sizes, repeats=link_repeats)
+        alpha, beta = fit_alpha_beta(list(zip(table["messages"], table["wire_bytes"], table["seconds"])))
         link = LinkSpec(name="measured-link", bandwidth=beta, latency=alpha)
-        for r in links.itertuples():
+        for r in table.itertuples():
             rows.append((f"link_{r.pattern}", f"{r.nodes} nodes", r.size, r.seconds,
                          r.messages * alpha + r.wire_bytes / beta))
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
@@ -505,7 +599,7 @@ def calibrate(experiment, *, launcher=None, device: str = "cpu", threads: int = 
     if device == "cuda":
         machine["gpu"] = torch.cuda.get_device_name(dev)
     cal = Calibration(device=dev_spec, workload=measured, link=link, shared_cores=shared_cores,
-                      cost_scale=cost_scale, optimizer_seconds={experiment.optimizer: t_opt},
+                      cost_scale=cost_scale, idle_slowdown=idle, optimizer_seconds={experiment.optimizer: t_opt},
                       measurements=pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS), machine=machine)
     if out is not None:
         cal.save(out)

@@ -96,6 +96,7 @@ class _Calibrations:
 
     def __call__(self, experiment):
         from realrun.calibrate import calibrate, compute_batch, fit_alpha_beta, measure_links
+        from realrun.launch import Local
         from simulator.hardware import LinkSpec
 
         comp = getattr(experiment.strategy, "compression", None)
@@ -104,9 +105,9 @@ class _Calibrations:
                json.dumps(comp.to_dict(), sort_keys=True) if hasattr(comp, "to_dict") else None)
         cal = self._compute.get(key)
         if cal is None:
-            cal = self._compute[key] = calibrate(experiment, launcher=None, threads=self.threads,
-                                                 device=self.device, repeats=self.repeats)
-        if self.launcher is None:
+            cal = self._compute[key] = calibrate(experiment, launcher=self.launcher, links=False,
+                                                 threads=self.threads, device=self.device, repeats=self.repeats)
+        if isinstance(self.launcher, Local):  # loopback: the catalogue's link stays
             return cal
         rate = float(getattr(self.launcher, "rate", lambda e: e.cluster.inter.bandwidth)(experiment))
         link = self._links.get(rate)
@@ -155,8 +156,7 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
         raise ValueError(f"validate: calibration must be 'auto', None, a Calibration or a dict of them, "
                          f"got {calibration!r}")
     launcher = launcher if launcher is not None else Local()
-    make = _Calibrations(launcher if not isinstance(launcher, Local) else None, threads, device, repeats) \
-        if calibration == "auto" else None
+    make = _Calibrations(launcher, threads, device, repeats) if calibration == "auto" else None
     path = Path(out) if out is not None else None
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -190,13 +190,14 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
 
 
 def error_summary(table: pd.DataFrame, metric: str = "iteration_time_mean") -> pd.DataFrame:
-    """Median and maximum |relative error| of ``metric`` per model (catalogue, calibrated)."""
+    """Median, mean and maximum |relative error| of ``metric`` per model (catalogue, calibrated)."""
     sel = table[(table["metric"] == metric)].dropna(subset=["rel_error"])
     rows = []
     for model, group in sel.groupby("model", sort=False):
         e = group["rel_error"].abs()
         rows.append({"model": model, "metric": metric, "experiments": len(group),
-                     "median_abs_error": float(e.median()), "max_abs_error": float(e.max()),
+                     "median_abs_error": float(e.median()), "mean_abs_error": float(e.mean()),
+                     "max_abs_error": float(e.max()),
                      "worst": str(group.loc[e.idxmax(), "experiment"]) if len(group) else ""})
     return pd.DataFrame(rows)
 

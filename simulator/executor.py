@@ -399,26 +399,63 @@ class _Simulation:
             raise RuntimeError(f"rank {rank} sends to rank {op.dst}: not another rank in [0, {self.world})")
         start = self.env.now
         cluster = self.cluster
-        done = self.network.transfer(
-            cluster.route(rank, op.dst), op.tensor.nbytes, cluster.path_latency(rank, op.dst)
-        )
-        self.bytes_sent[rank] += op.tensor.nbytes
+        route, latency = cluster.route(rank, op.dst), cluster.path_latency(rank, op.dst)
+        nbytes = op.tensor.nbytes
+        self.bytes_sent[rank] += nbytes
+        limit = self.exp.eager_limit
+        if limit is not None and nbytes > limit:
+            return self._rendezvous(rank, op, route, latency, limit, start)
+        done = self.network.transfer(route, nbytes, latency)
 
         def delivered(_e):
             now = self.env.now
-            self.spans.append((rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, now,
-                               self._iteration[rank]))
-            self._comm_acc[rank] += now - start
+            self._sent(rank, op, start, now)
             self._deliver(op.dst, Message(rank, op.tensor, op.tag, op.meta, now))
 
         done.callbacks.append(delivered)
         return Handle(done, op)
 
-    def _deliver(self, dst: int, message: Message) -> None:
+    def _sent(self, rank: int, op: Send, start: float, now: float) -> None:
+        self.spans.append((rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, now, self._iteration[rank]))
+        self._comm_acc[rank] += now - start
+
+    def _rendezvous(self, rank, op, route, latency, limit, start) -> Handle:
+        """A message larger than the eager limit: its first ``limit`` bytes flow now, its envelope
+        reaches the receiver after the path latency, and the rest flows once a receive matches it."""
+        env = self.env
+        eager = self.network.transfer(route, limit, latency) if limit > 0 else None
+        envelope = _Envelope(rank, op.tag, op, route, latency, eager, start)
+        env.timeout(latency).callbacks.append(lambda _e: self._deliver(op.dst, envelope))
+        # The sender is done once the transport holds the message (the eager part sent; the
+        # rest waits in its buffers), as a send to a socket returns before it is read.
+        if eager is None:
+            eager = env.event()
+            eager.succeed()
+        return Handle(eager, op)
+
+    def _matched(self, envelope: _Envelope, event: simpy.Event) -> None:
+        """A receive took ``envelope``: the rest of the message flows now; ``event`` (the
+        receive) and the sender's handle fire when the last byte has arrived."""
+        op = envelope.op
+        rest = self.network.transfer(envelope.route, op.tensor.nbytes - (self.exp.eager_limit or 0.0),
+                                     envelope.latency)
+        parts = [rest] if envelope.eager is None else [rest, envelope.eager]
+
+        def arrived(_e):
+            now = self.env.now
+            self._sent(envelope.src, op, envelope.start, now)
+            event.succeed(Message(envelope.src, op.tensor, op.tag, op.meta, now))
+
+        self.env.all_of(parts).callbacks.append(arrived)
+
+    def _deliver(self, dst: int, message) -> None:
         for i, (src, tag, event) in enumerate(self._waiting[dst]):
             if tag == message.tag and (src is None or src == message.src):
                 del self._waiting[dst][i]
-                event.succeed(message)
+                if type(message) is _Envelope:
+                    self._matched(message, event)
+                else:
+                    event.succeed(message)
                 return
         self._mailbox[dst].append(message)
 
@@ -429,10 +466,26 @@ class _Simulation:
         for i, message in enumerate(box):
             if message.tag == op.tag and (src is None or message.src == src):
                 del box[i]
-                event.succeed(dataclasses.replace(message, time=self.env.now))  # read now, not on arrival
+                if type(message) is _Envelope:
+                    self._matched(message, event)
+                else:
+                    event.succeed(dataclasses.replace(message, time=self.env.now))  # read now, not on arrival
                 return event
         self._waiting[rank].append((src, op.tag, event))
         return event
+
+
+@dataclasses.dataclass(eq=False)
+class _Envelope:
+    """A rendezvous message waiting at its receiver for a matching receive."""
+
+    src: int
+    tag: int
+    op: Send
+    route: tuple
+    latency: float
+    eager: simpy.Event | None
+    start: float
 
 
 def simulate(experiment) -> RunResult:

@@ -62,6 +62,13 @@ class Experiment:
     optimizer: str = "sgd"
     compute: ComputeModel = field(default_factory=ComputeModel)
     collective_model: str = "auto"
+    eager_limit: float | None = None
+    """Point-to-point messages up to this many bytes flow as soon as they are sent (eager);
+    of a larger one only the first ``eager_limit`` bytes do, and the rest once the receiver
+    posts the matching receive (rendezvous: MPI's and NCCL's protocol for large messages,
+    and TCP's receive window when the receiving program has not read yet; a server that
+    reads one push at a time then takes them one after another). ``None``: every message is
+    eager, however large."""
     """"auto" takes the exact closed-form fast path where it applies; "stepped" never does."""
     out_of_memory: str = "raise"
     """When a rank needs more memory than its device has: ``raise`` an
@@ -117,6 +124,10 @@ class Experiment:
             raise ValueError(
                 f"Experiment.collective_model must be one of {COLLECTIVE_MODELS}, got {self.collective_model!r}"
             )
+        if self.eager_limit is not None and (
+                isinstance(self.eager_limit, bool) or not isinstance(self.eager_limit, int | float)
+                or not self.eager_limit >= 0):
+            raise ValueError(f"Experiment.eager_limit must be None or a number of bytes >= 0, got {self.eager_limit!r}")
         if self.out_of_memory not in OUT_OF_MEMORY:
             raise ValueError(f"Experiment.out_of_memory must be one of {OUT_OF_MEMORY}, got {self.out_of_memory!r}")
         object.__setattr__(self, "_run_cluster", self._place_hosts())
@@ -213,6 +224,7 @@ class Experiment:
             "precision": self.precision,
             "optimizer": self.optimizer,
             "collective_model": self.collective_model,
+            "eager_limit": self.eager_limit,
             "out_of_memory": self.out_of_memory,
             "compute": self.compute.to_dict(),
             "workload": self.workload.to_dict(),

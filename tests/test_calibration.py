@@ -190,10 +190,15 @@ def test_calibrated_experiment_uses_the_measurements(small_calibration):
     assert model.cluster.device == cal.device
     assert model.compute.shared_cores == cal.shared_cores
     assert model.compute.cost_scale == cal.cost_scale
-    # One iteration's forward is the measured per-layer times at the calibration batch.
+    # The layers' times are the measured ones, times the slowdown after the idle time the
+    # run has (on this CPU), and one iteration's forward is their sum.
+    factor = cal.idle_factor(exp.replace(workload=cal.workload, cluster=cal.cluster_for(exp.cluster),
+                                         compute=model.compute))
+    for mine, measured in zip(model.workload.layers, cal.workload.layers):
+        assert mine.fwd_time == pytest.approx(factor * measured.fwd_time)
     tl = simulate(model.replace(compute=dataclasses.replace(model.compute, shared_cores=0))).timeline
     fwd = tl[tl["name"].str.startswith("forward") & (tl["rank"] == 0) & (tl["iteration"] == 1)]
-    assert (fwd["end"] - fwd["start"]).sum() == pytest.approx(sum(lay.fwd_time for lay in cal.workload.layers))
+    assert (fwd["end"] - fwd["start"]).sum() == pytest.approx(sum(lay.fwd_time for lay in model.workload.layers))
     other = exp.replace(workload=Workload.from_zoo("mlp", in_features=32, hidden=[64], out_features=4))
     with pytest.raises(ValueError, match="not the calibrated model"):
         cal.apply(other)
@@ -284,3 +289,37 @@ def test_validate_on_local_processes(small_calibration, tmp_path):
     expected = exp.iterations * 2 * (2 - 1) / 2 * 4 * exp.workload.params
     np.testing.assert_allclose(b["measured"], expected, rtol=1e-9)
     np.testing.assert_allclose(b["predicted"], expected, rtol=1e-9)
+
+
+def test_idle_slowdown_hits_the_forward_after_communication():
+    """With a slowdown of 1.5 after any idle time and none without, in data parallel without
+    overlap only the forwards (after the all-reduce and the optimizer step) slow down: the
+    factor is (1.5 F (n-1) + B n) / (F (n-1) + B n), the run's first forward left out."""
+    w = timed_workload(params=(4096,), fwd=0.2, bwd=0.4, batch=8)
+    exp = Experiment(workload=w, cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE"),
+                     strategy=AllReduceSGD(overlap=False), batch_size=8, iterations=5)
+    base = Calibration(device=exp.cluster.device, workload=w)
+    slow = dataclasses.replace(base, idle_slowdown=((0.0, 1.0), (1e-9, 1.5), (10.0, 1.5)))
+    n, f, b = 5, 0.2, 0.4
+    expected = (1.5 * f * (n - 1) + b * n) / (f * (n - 1) + b * n)
+    assert slow.idle_factor(base.apply(exp)) == pytest.approx(expected, rel=1e-9)
+    scaled = slow.apply(exp).workload
+    for mine, theirs in zip(scaled.layers, w.layers):
+        assert mine.fwd_time == pytest.approx(expected * theirs.fwd_time)
+        assert mine.bwd_time == pytest.approx(expected * theirs.bwd_time)
+    assert base.apply(exp).workload == w  # no table: nothing changes
+
+
+def test_idle_slowdown_measured_on_this_machine_starts_at_one():
+    import torch
+
+    from realrun.calibrate import measure_idle_slowdown
+    from realrun.model import Data, ModelState, build_model
+
+    w = Workload.from_zoo("mlp", in_features=16, hidden=[64], out_features=4)
+    model = build_model(w, 0)
+    ModelState(model, w, torch.device("cpu"))
+    table = measure_idle_slowdown(model, Data(model, 0, torch.device("cpu")), 8, torch.device("cpu"),
+                                  gaps=(0.0, 0.001), repeats=3)
+    assert [g for g, _ in table] == [0.0, 0.001]
+    assert table[0][1] == 1.0 and table[1][1] > 0

@@ -39,8 +39,10 @@ def test_calibrated_median_error_within_the_alarm(table):
 
 
 def test_calibration_beats_the_catalogue(table):
+    # Mean |error|: the catalogue's roofline misses the compressors' CPU cost by 50-70 %.
     summary = error_summary(table).set_index("model")
-    assert summary.loc["calibrated", "median_abs_error"] < summary.loc["catalogue", "median_abs_error"]
+    assert summary.loc["calibrated", "mean_abs_error"] < summary.loc["catalogue", "mean_abs_error"], \
+        summary.to_string()
 
 
 def test_bytes_agree_exactly(table):

@@ -1,0 +1,69 @@
+"""Rendezvous for messages above Experiment.eager_limit: two workers send S bytes each to
+one receiver that takes them one at a time (``recv_any``). Eager, the two flows share the
+receiver's link and both arrive at L + 2S/B; in rendezvous (eager_limit=0) the first flows
+alone once its envelope is taken (2L + S/B: envelope, then data) and the second after it
+(3L + 2S/B)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+from builders import small_workload
+
+from simulator import Cluster, Experiment, simulate
+from strategies.ops import TensorRef
+
+S = 4e6
+B = 1e9 / 8  # 1 Gb/s
+L = 1e-3
+
+
+@dataclass(frozen=True)
+class TwoToOne:
+    name: ClassVar[str] = "two_to_one"
+
+    def programs(self, job):
+        data = TensorRef("data", S, "custom")
+
+        def sender(ctx):
+            for _ in ctx.iterations():
+                yield ctx.send(2, data, tag=1)
+
+        def receiver(ctx):
+            for _ in ctx.iterations():
+                yield ctx.recv_any(data, tag=1)
+                yield ctx.recv_any(data, tag=1)
+
+        return [sender, sender, receiver]
+
+    def to_dict(self):
+        return {"name": self.name}
+
+
+def _arrivals(eager_limit):
+    exp = Experiment(workload=small_workload(),
+                     cluster=Cluster.homogeneous(nodes=3, gpus_per_node=1, inter="10GbE", inter_bandwidth=B,
+                                                 inter_latency=L),
+                     strategy=TwoToOne(), batch_size=1, iterations=1, eager_limit=eager_limit)
+    tl = simulate(exp).timeline
+    return sorted(tl.loc[tl["name"].str.startswith("send:"), "end"])
+
+
+def test_eager_messages_share_the_link():
+    assert _arrivals(None) == pytest.approx([L + 2 * S / B] * 2)
+
+
+def test_rendezvous_messages_flow_one_after_another():
+    assert _arrivals(0) == pytest.approx([2 * L + S / B, 3 * L + 2 * S / B])
+
+
+def test_messages_under_the_limit_stay_eager():
+    assert _arrivals(S) == pytest.approx([L + 2 * S / B] * 2)
+
+
+def test_bad_eager_limit():
+    with pytest.raises(ValueError, match="eager_limit"):
+        Experiment(workload=small_workload(), cluster=Cluster.homogeneous(nodes=3, gpus_per_node=1),
+                   strategy=TwoToOne(), eager_limit=-1)
