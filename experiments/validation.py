@@ -2,30 +2,31 @@
 and simulated, before and after calibration.
 
 Each case trains the same MLP (256 -> 512 -> 512 -> 10, 0.4 M parameters, 1.6 MB
-of fp32 gradients) at 256 samples per worker: on this kind of machine one
-iteration's compute takes tens of milliseconds and moving the gradients over
-100 or 400 Mbit/s takes tens to a few hundred, so both matter. The cases:
+of fp32 gradients) at 256 samples per worker for 20 iterations (24 for the
+asynchronous servers): on this kind of machine one iteration's compute takes
+about 10 ms and moving the gradients over 100 or 400 Mbit/s takes 30 to 130 ms,
+so both matter. The cases:
 
-* all-reduce data parallel, ring and tree, 3 nodes, at 100 and 400 Mbit/s;
+* all-reduce data parallel, ring and tree, at 100 and 400 Mbit/s;
 * parameter server, synchronous with 1 and with 2 servers, asynchronous, and
-  stale-synchronous (bound 1), 3 workers;
+  stale-synchronous (bound 1);
 * local SGD (averaging every 2 iterations);
 * compression of each kind on ring all-reduce: QSGD (quantisation), top-k 1 %
   (sparsification), PowerSGD rank 4 (low rank);
 * a 2-stage pipeline, GPipe and 1F1B, 4 micro-batches.
 
-The ranks are processes on one machine with few cores (2 here), so more busy
-ranks than cores slow each other down. The calibrated model says so explicitly:
-calibration records the machine's cores, and the simulator time-shares them
-among the ranks' compute ops (``ComputeModel.shared_cores``, processor
-sharing). The catalogue model, which gives each rank a ``cpu-core`` device of
-its own, does not.
+Every case has two busy ranks (two workers, or two stages), one per core of
+this 2-core machine; parameter servers are a third and fourth process that
+mostly wait. The calibrated model also shares the machine's cores among all the
+ranks' compute explicitly (``ComputeModel.shared_cores``, processor sharing), so
+the servers' updates compete with the workers' compute as they do here. The
+catalogue model gives each rank a ``cpu-core`` device of its own.
 
 Run it with ``python -m experiments.validation --out validation-out`` (as root:
-the emulated cluster needs network namespaces); ``--quick`` runs fewer cases.
-It writes ``validation.csv`` (appended as each case finishes),
-``predicted_vs_measured.png``, ``error_by_strategy.png`` and prints the error
-summary.
+the emulated cluster needs network namespaces), or ``clustersim validate``;
+``--quick`` runs four cases. It writes ``validation.csv`` (appended as each
+case finishes), ``predicted_vs_measured.png``, ``error_by_strategy.png`` and
+prints the error summary.
 """
 
 from __future__ import annotations
