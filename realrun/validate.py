@@ -13,7 +13,6 @@ predicted, measured, rel_error = (predicted - measured) / measured.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -86,12 +85,12 @@ def compare(name: str, strategy: str, predicted: dict, measured: dict, model: st
 
 
 class _Calibrations:
-    """Calibrations made on demand: compute per (model, compute batch, optimizer), links per
-    inter-node bandwidth, shared between the experiments that need the same."""
+    """Calibrations made on demand: compute for each experiment just before its real run (so
+    a machine whose speed drifts, as shared machines' does, is measured as it is), links
+    once per inter-node bandwidth."""
 
     def __init__(self, launcher, threads: int, device: str, repeats: int):
         self.launcher, self.threads, self.device, self.repeats = launcher, threads, device, repeats
-        self._compute: dict = {}
         self._links: dict = {}
 
     def __call__(self, experiment):
@@ -99,14 +98,8 @@ class _Calibrations:
         from realrun.launch import Local
         from simulator.hardware import LinkSpec
 
-        comp = getattr(experiment.strategy, "compression", None)
-        key = (json.dumps(experiment.workload.to_dict(), sort_keys=True), compute_batch(experiment),
-               experiment.optimizer, experiment.seed,
-               json.dumps(comp.to_dict(), sort_keys=True) if hasattr(comp, "to_dict") else None)
-        cal = self._compute.get(key)
-        if cal is None:
-            cal = self._compute[key] = calibrate(experiment, launcher=self.launcher, links=False,
-                                                 threads=self.threads, device=self.device, repeats=self.repeats)
+        cal = calibrate(experiment, launcher=self.launcher, links=False, threads=self.threads, device=self.device,
+                        repeats=self.repeats, batch=compute_batch(experiment))
         if isinstance(self.launcher, Local):  # loopback: the catalogue's link stays
             return cal
         rate = float(getattr(self.launcher, "rate", lambda e: e.cluster.inter.bandwidth)(experiment))
@@ -167,12 +160,12 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
     t0 = time.monotonic()
     for k, (exp, name) in enumerate(zip(experiments, names)):
         label = strategy_label(exp.strategy)
+        cal = make(exp) if calibration == "auto" else None  # measured just before the run it predicts
         real = run(exp, launcher=launcher, backend=backend, device=device, threads=threads, timeout=timeout)
         measured = steady_metrics(real, warmup)
         new = compare(name, label, steady_metrics(simulate(exp), warmup), measured, "catalogue")
-        cal = None
         if calibration == "auto":
-            cal = make(exp)
+            pass
         elif isinstance(calibration, dict):
             cal = calibration.get(name)
         elif calibration is not None:
