@@ -247,16 +247,6 @@ def measure_device(device: torch.device, *, repeats: int = 10) -> dict:
     return {"fp32_flops": 2 * n**3 / t_mm, "mem_bandwidth": 3 * 4 * words / t_add, "op_overhead": t_small}
 
 
-def measure_optimizer(optimizer: str, elements: int, device: torch.device, *, repeats: int = 10) -> float:
-    """Seconds of one step of realrun's flat ``optimizer`` over ``elements`` parameters."""
-    from realrun.optim import FlatOptimizer
-
-    params = torch.randn(elements, device=device)
-    grads = torch.randn(elements, device=device) * 1e-3
-    opt = FlatOptimizer(optimizer, lr=0.01)
-    return _median_time(lambda: opt.step("all", params, grads), device, repeats)
-
-
 # ---------------------------------------------------------------------------------- links
 
 
@@ -307,6 +297,16 @@ def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 2
                 messages, wire = 2 * (world - 1), 2 * (world - 1) / world * size
             rows.append((pattern, float(size), world, messages, wire, statistics.median(times)))
     return pd.DataFrame(rows, columns=["pattern", "size", "nodes", "messages", "wire_bytes", "seconds"])
+
+
+def calibrate_link(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 20),
+                   repeats: int = 4) -> tuple[LinkSpec, pd.DataFrame]:
+    """``launcher``'s link between nodes, fitted (:func:`fit_alpha_beta`) to
+    :func:`measure_links`' timings; and those timings, with the fit's ``predicted`` seconds."""
+    table = measure_links(experiment, launcher, sizes=sizes, repeats=repeats)
+    alpha, beta = fit_alpha_beta(list(zip(table["messages"], table["wire_bytes"], table["seconds"])))
+    table["predicted"] = table["messages"] * alpha + table["wire_bytes"] / beta
+    return LinkSpec(name="measured-link", bandwidth=beta, latency=alpha), table
 
 
 # ---------------------------------------------------------------------------------- result
@@ -505,14 +505,18 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
     :func:`compute_batch`). ``threads``: intra-op threads per rank, as realrun's ranks use
     them. ``launcher``: where the runs to predict will go (``EmulatedCluster()`` for the
     emulated cluster; default ``Local()``): the executor's compute is measured there, and
-    with ``links`` (default: yes for any launcher but ``Local``) its links are measured and
-    fitted; without, the experiment's catalogue link stays.
+    with ``links`` (default: yes for ``EmulatedCluster``; ``Local`` has loopback) its links are
+    measured and fitted; without, the experiment's catalogue link stays.
     ``shared_cores``: the cores all ranks of a run on this machine share (default: this
     machine's core count when ``device="cpu"``, none on a GPU); see
     :attr:`simulator.ComputeModel.shared_cores`. ``out``: a folder to save the calibration to.
     """
+    from realrun.launch import EmulatedCluster, Local
     from realrun.model import Data, ModelState, build_model
 
+    if launcher is not None and not isinstance(launcher, Local | EmulatedCluster):
+        raise ValueError(f"calibrate: launcher must be None, realrun.Local() or realrun.EmulatedCluster(), got "
+                         f"{type(launcher).__name__} (calibrate on one machine, then apply the calibration)")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"calibrate: device must be 'cpu' or 'cuda', got {device!r}")
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -547,7 +551,7 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
     solo = measure_executor(experiment, batch, threads=threads, device=device, ranks=max(1, busy), model=model,
                             launcher=launcher, data=data, loss=loss)
     if links is None:
-        links = launcher is not None and type(launcher).__name__ != "Local"
+        links = isinstance(launcher, EmulatedCluster)
     # The layers' shares of the model's time, scaled to what the executor takes for the whole model.
     fwd = prof["fwd"] * (solo["forward"] / max(prof["fwd"].sum(), 1e-300))
     bwd = prof["bwd"] * (solo["backward"] / max(prof["bwd"].sum(), 1e-300))
@@ -587,12 +591,9 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
     if links:
         if launcher is None:
             raise ValueError("calibrate: links=True needs a launcher whose links to measure")
-        table = measure_links(experiment, launcher, sizes=link_sizes, repeats=link_repeats)
-        alpha, beta = fit_alpha_beta(list(zip(table["messages"], table["wire_bytes"], table["seconds"])))
-        link = LinkSpec(name="measured-link", bandwidth=beta, latency=alpha)
-        for r in table.itertuples():
-            rows.append((f"link_{r.pattern}", f"{r.nodes} nodes", r.size, r.seconds,
-                         r.messages * alpha + r.wire_bytes / beta))
+        link, table = calibrate_link(experiment, launcher, sizes=link_sizes, repeats=link_repeats)
+        rows += [(f"link_{r.pattern}", f"{r.nodes} nodes", r.size, r.seconds, r.predicted)
+                 for r in table.itertuples()]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpus": os.cpu_count(), "threads": threads, "torch": torch.__version__, "device": device,
                "batch": batch, "date": time.strftime("%Y-%m-%d")}

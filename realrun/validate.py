@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -94,9 +93,8 @@ class _Calibrations:
         self._links: dict = {}
 
     def __call__(self, experiment):
-        from realrun.calibrate import calibrate, compute_batch, fit_alpha_beta, measure_links
+        from realrun.calibrate import calibrate, calibrate_link, compute_batch
         from realrun.launch import Local
-        from simulator.hardware import LinkSpec
 
         cal = calibrate(experiment, launcher=self.launcher, links=False, threads=self.threads, device=self.device,
                         repeats=self.repeats, batch=compute_batch(experiment))
@@ -105,9 +103,7 @@ class _Calibrations:
         rate = float(getattr(self.launcher, "rate", lambda e: e.cluster.inter.bandwidth)(experiment))
         link = self._links.get(rate)
         if link is None:
-            links = measure_links(experiment, self.launcher)
-            alpha, beta = fit_alpha_beta(list(zip(links["messages"], links["wire_bytes"], links["seconds"])))
-            link = self._links[rate] = LinkSpec(name="measured-link", bandwidth=beta, latency=alpha)
+            link = self._links[rate] = calibrate_link(experiment, self.launcher)[0]
         return dataclasses.replace(cal, link=link)
 
 
@@ -129,6 +125,7 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
     from realrun.run import run
     from simulator.executor import simulate
     from simulator.experiment import Experiment
+    from simulator.progress import ProgressBar
 
     experiments = list(experiments)
     if not experiments:
@@ -148,6 +145,10 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
     if not (calibration is None or calibration == "auto" or isinstance(calibration, Calibration | dict)):
         raise ValueError(f"validate: calibration must be 'auto', None, a Calibration or a dict of them, "
                          f"got {calibration!r}")
+    if isinstance(calibration, dict):
+        bad = {k: type(v).__name__ for k, v in calibration.items() if not isinstance(v, Calibration)}
+        if bad:
+            raise ValueError(f"validate: calibration values must be Calibrations, got {bad}")
     launcher = launcher if launcher is not None else Local()
     make = _Calibrations(launcher, threads, device, repeats) if calibration == "auto" else None
     path = Path(out) if out is not None else None
@@ -157,18 +158,16 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
         runs = path.parent / (path.stem + "-runs")
     rows: list[dict] = []
     show = sys.stderr.isatty() if progress is None else bool(progress)
-    t0 = time.monotonic()
+    bar = ProgressBar(len(experiments), unit="experiments") if show else None
     for k, (exp, name) in enumerate(zip(experiments, names)):
         label = strategy_label(exp.strategy)
         cal = make(exp) if calibration == "auto" else None  # measured just before the run it predicts
         real = run(exp, launcher=launcher, backend=backend, device=device, threads=threads, timeout=timeout)
         measured = steady_metrics(real, warmup)
         new = compare(name, label, steady_metrics(simulate(exp), warmup), measured, "catalogue")
-        if calibration == "auto":
-            pass
-        elif isinstance(calibration, dict):
+        if isinstance(calibration, dict):
             cal = calibration.get(name)
-        elif calibration is not None:
+        elif isinstance(calibration, Calibration):
             cal = calibration
         if cal is not None:
             new += compare(name, label, steady_metrics(simulate(cal.apply(exp)), warmup), measured, "calibrated")
@@ -176,9 +175,10 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
         if path is not None:
             pd.DataFrame(new, columns=VALIDATION_COLUMNS).to_csv(path, mode="a", header=False, index=False)
             real.save(runs / name)
-        if show:
-            print(f"\rvalidate: {k + 1}/{len(experiments)} experiments, {time.monotonic() - t0:.0f} s",
-                  end="" if k + 1 < len(experiments) else "\n", file=sys.stderr, flush=True)
+        if bar is not None:
+            bar.update(k + 1)
+    if bar is not None:
+        bar.close()
     return pd.DataFrame(rows, columns=VALIDATION_COLUMNS)
 
 

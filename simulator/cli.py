@@ -95,10 +95,7 @@ def cmd_realrun(args) -> int:
     from simulator.experiment import load_experiment
 
     experiment = load_experiment(args.file)
-    if args.launcher != "emulated" and args.bandwidth is not None:
-        raise ValueError("--bandwidth applies to --launcher emulated only")
-    launcher = {"local": realrun.Local, "torchrun": realrun.Torchrun,
-                "emulated": lambda: realrun.EmulatedCluster(bandwidth=args.bandwidth)}[args.launcher]()
+    launcher = _launcher(args.launcher, args.bandwidth)
     name = experiment.name or Path(args.file).stem
     quiet = args.launcher == "torchrun" and os.environ.get("RANK", "0") != "0"
     if not quiet:
@@ -126,7 +123,8 @@ def _launcher(name: str, bandwidth=None):
 
     if name != "emulated" and bandwidth is not None:
         raise ValueError("--bandwidth applies to --launcher emulated only")
-    return {"local": realrun.Local, "emulated": lambda: realrun.EmulatedCluster(bandwidth=bandwidth)}[name]()
+    return {"local": realrun.Local, "torchrun": realrun.Torchrun,
+            "emulated": lambda: realrun.EmulatedCluster(bandwidth=bandwidth)}[name]()
 
 
 def cmd_calibrate(args) -> int:
@@ -140,7 +138,8 @@ def cmd_calibrate(args) -> int:
     launcher = None if args.launcher == "none" else _launcher(args.launcher)
     print(f"{name}: calibrating {args.device}" + (f" and the {args.launcher} launcher's links" if launcher else ""),
           flush=True)
-    cal = calibrate(experiment, launcher=launcher, device=args.device, threads=args.threads, out=out)
+    cal = calibrate(experiment, launcher=launcher, links=launcher is not None, device=args.device,
+                    threads=args.threads, out=out)
     dev = cal.device
     facts = {
         "fp32 matmul": f"{dev.flops('fp32') / 1e9:.1f} GFLOP/s",

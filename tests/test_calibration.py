@@ -210,6 +210,8 @@ def test_calibrate_rejects_bad_arguments(small_calibration):
                       ({"batch": 0}, "batch"), ({"shared_cores": -2}, "shared_cores")):
         with pytest.raises(ValueError, match=field):
             calibrate(exp, **kw)
+    with pytest.raises(ValueError, match="launcher must be"):
+        calibrate(exp, launcher=realrun.Torchrun())
     with pytest.raises(ValueError, match="no calibration.json"):
         Calibration.load(small_calibration[2] / "missing")
 
@@ -273,6 +275,8 @@ def test_validate_rejects_bad_input(small_calibration):
         validate([exp], warmup=6)
     with pytest.raises(ValueError, match="calibration"):
         validate([exp], calibration="yes")
+    with pytest.raises(ValueError, match="values must be Calibrations"):
+        validate([exp], calibration={"small": "cal.json"})
 
 
 def test_validate_on_local_processes(small_calibration, tmp_path):
