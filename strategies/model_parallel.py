@@ -400,11 +400,14 @@ class Hybrid:
             def forward(ch, k, seg=None, recompute=False):
                 a, b = seg or ch["seg"]
                 events: dict[int, list] = {}
-                for i in ch["fwd_tp"]:  # after row/vocab layer i
-                    events.setdefault(i + 1, []).append(("reduce_scatter" if sp else "all_reduce", outputs[i], i, "act"))
+                for i in ch["fwd_tp"]:  # after row/vocab layer i (of these layers: a recompute unit redoes its own)
+                    if a <= i < b:
+                        events.setdefault(i + 1, []).append(("reduce_scatter" if sp else "all_reduce", outputs[i], i,
+                                                             "act"))
                 if sp:
                     for i in ch["bwd_tp"]:  # gather the sequence before a column group
-                        events.setdefault(i, []).append(("all_gather", inputs[i], i, "act"))
+                        if a <= i < b:
+                            events.setdefault(i, []).append(("all_gather", inputs[i], i, "act"))
                 gathered = zero == 3 and not recompute  # a recompute runs on the gathers backward made
                 starts = {bk.layers[0]: n for n, bk in enumerate(ch["buckets"])} if gathered else {}
                 cuts = sorted({x for x in (*events, *starts) if a <= x < b} | {a, b})
@@ -498,6 +501,15 @@ class Hybrid:
                     yield ctx.wait(handle)
 
         return worker
+
+    def tensor_group(self, job: Job, rank: int) -> tuple[int, ...]:
+        """The ranks of ``rank``'s tensor-parallel group, in split order (``(rank,)`` without
+        tensor parallelism): realrun keeps rank ``i`` of the group's share ``i`` of each split layer."""
+        lay = self._layout(job)
+        if rank >= job.accelerators:
+            return (rank,)
+        _, s, d = lay.coords[rank]
+        return tuple(lay.rank_of[(x, s, d)] for x in range(lay.tp))
 
     def data_shard(self, job: Job, rank: int) -> int:
         """Which replica's samples ``rank`` trains on: its data-parallel coordinate (every stage

@@ -325,6 +325,23 @@ def test_tensor_parallel_needs_splittable_layers():
               tp_role="diagonal")
 
 
+def test_recompute_redoes_each_units_own_tensor_parallel_collectives_once(gpt_small):
+    """A recomputed unit re-runs the all-reduces after its own row layers (Megatron's
+    checkpointed transformer layer holds them), not the one after the unit before it: the
+    forward all-reduces double, the backward ones stay."""
+    cluster = Cluster.homogeneous(nodes=1, gpus_per_node=2)
+    counts = {}
+    for recompute in (False, True):
+        exp = Experiment(workload=gpt_small, cluster=cluster, batch_size=4, iterations=1,
+                         strategy=TensorParallel(tp=2, recompute=recompute))
+        names = simulate(exp).timeline.query("rank == 0")["name"]
+        counts[recompute] = (names.str.startswith("all_reduce:act[").sum(), names.str.startswith("all_reduce:grad[").sum())
+    # per layer 2 forward and 2 backward all-reduces (Shoeybi et al., section 3), plus the embedding's
+    # forward and the head's backward one
+    assert counts[False] == (2 * L + 1, 2 * L + 1)
+    assert counts[True] == (2 * (2 * L + 1), 2 * L + 1)
+
+
 def test_strategies_round_trip_through_experiment_files(gpt_small):
     from strategies import strategy_from_dict
 
