@@ -10,6 +10,22 @@
   there really overlaps the rest of backward, as DDP's hooks do. The backward
   that reaches the bottom of the forward's segment returns when autograd does,
   with the input's gradient ready to send.
+* Consecutive ``Forward`` ops of one micro-batch make one autograd graph. An op
+  that ends inside a pipeline unit (tensor-parallel cuts, ZeRO-3 buckets) ends
+  in a layer hook (after the layer before the cut, or before the layer at it,
+  whichever comes first); the program goes on from inside the hook, so the
+  collectives it issues there work on the tensor at the cut, and any other op
+  waits until the module's forward returns.
+* Tensor parallelism (:mod:`realrun.tensor_parallel`): each rank holds its
+  slices of the split layers. An all-reduce of ``activations`` of layer ``i``
+  sums layer ``i``'s output (its gradient passes through: Megatron's ``g``);
+  one of ``activation_grads`` of layer ``i`` sums the gradient of the column
+  group's input (a view taken before layer ``i``: Megatron's ``f``). A
+  vocabulary-split head's loss is taken over the group.
+* Activation recomputation: with a strategy's ``recompute`` the first forward
+  runs without a graph and keeps each pipeline unit's input and random-number
+  state; a ``Forward(recompute=True)`` runs the unit again from them, and its
+  backward runs on its own, from the gradient of the unit above.
 * ``Collective`` runs on the communication stream of its group
   (:class:`realrun.comm.Comm`); ``async_op`` answers a handle for ``Wait``.
   Gradients are averaged weighted by samples (each rank scales its part before
@@ -30,6 +46,8 @@ import threading
 import time
 import traceback
 from collections import defaultdict, deque
+from contextlib import contextmanager, nullcontext
+from functools import partial
 
 import torch
 
@@ -85,15 +103,44 @@ class Handle:
 
 
 class _Record:
-    """A micro-batch's forward through a segment, kept until its backward is done."""
+    """A micro-batch's forward through layers ``seg``, kept until its backward is done.
 
-    __slots__ = ("mb", "seg", "x", "out", "root", "left", "state", "iteration")
+    Consecutive ``Forward`` ops of one micro-batch extend one record (``seg`` grows), so
+    one autograd graph covers them. ``target`` is the forward op in flight and ``start``
+    when it began. With activation recomputation the first forward keeps only each unit's
+    input (``saved``: layer -> (input, RNG state)) and a recompute forward makes a record of
+    its own (``parent``: the checkpointed one), whose backward runs on its own.
+    """
 
-    def __init__(self, mb, seg, x, out, root, left, iteration):
-        self.mb, self.seg, self.x, self.out, self.root = mb, seg, x, out, root
-        self.left = left
+    __slots__ = ("mb", "seg", "x", "out", "root", "left", "state", "iteration", "target", "start", "key",
+                 "recompute", "saved", "grads", "parent", "rng")
+
+    def __init__(self, mb, seg, x, iteration, key, recompute=False, parent=None):
+        self.mb, self.seg, self.x, self.out, self.root = mb, seg, x, x, None
+        self.left: dict[int, int] = {}
         self.state = "forward"
         self.iteration = iteration
+        self.target = None
+        self.start = 0.0
+        self.key = key
+        self.recompute = recompute
+        self.saved: dict[int, tuple] | None = None
+        self.grads: dict[int, torch.Tensor] = {}
+        self.parent = parent
+        self.rng = None  # a recompute's random-number state: where its first forward's stood
+
+
+class _Replace(torch.autograd.Function):
+    """Forward: ``value`` (what a collective made of ``x``); backward: ``x``'s gradient passes
+    through unchanged (Megatron's ``g`` operator after a row-parallel layer)."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 class TorchExecutor:
@@ -129,6 +176,18 @@ class TorchExecutor:
         self._anchor = None
         self._shards: dict[tuple[int, int], torch.Tensor] = {}  # ZeRO: reduced gradient parts this rank steps
         self._lock = threading.Lock()
+        self._fwd: _Record | None = None  # the record whose forward is running (layer hooks act)
+        self._open: _Record | None = None  # the record the next forward op may go on with
+        self._cut: list | None = None  # [layer, tensor] where a forward op ended inside the module
+        self._deferred = None  # an op the program issued there that must wait for the module to return
+        self._grad_at: list | None = None  # [layer, gradient] of a column group's input, in its hook
+        self._pending_grad: dict[int, tuple] = {}  # reductions asked for before their gradient came
+        self._partial: dict[int, torch.Tensor] = {}  # column-group input gradients at a record's bottom
+        self._in_grad: tuple = (-1, None)  # (layer, gradient) of the input of the last backward's record
+        self._f_views: dict = {}
+        self._tp: dict | None = None
+        self._recompute = bool(getattr(strategy, "recompute", False))
+        self._unit_starts: set[int] = set()
         self.iteration = -1
         self.losses: dict[int, float] = {}
         if state is not None:
@@ -137,6 +196,11 @@ class TorchExecutor:
                 p.register_post_accumulate_grad_hook(self._grad_ready)
             for _, mod in state.module.named_modules():
                 mod.register_forward_pre_hook(self._check_cancel)
+            for i, mod in enumerate(state.layer_modules):
+                mod.register_forward_pre_hook(partial(self._pre_hook, i))
+                mod.register_forward_hook(partial(self._post_hook, i))
+            if hasattr(state.module, "pipeline_units") or isinstance(state.module, torch.nn.Sequential):
+                self._unit_starts = set(state.unit_starts())
             comp = getattr(strategy, "compression", None)
             if comp is not None and getattr(strategy, "role", "") == "params":
                 self._anchor = state.params.clone()  # compressed local SGD sends the change from here
@@ -146,7 +210,7 @@ class TorchExecutor:
 
     # driving the program
     def run(self) -> None:
-        self._drive(inside=False)
+        self._drive(None)
 
     def on_iteration(self, kind: str, i: int) -> None:
         if kind == "start":
@@ -155,29 +219,41 @@ class TorchExecutor:
         else:
             self.rec.iteration_end(i, self.now())
 
-    def _drive(self, inside: bool) -> None:
+    def _drive(self, inside: str | None) -> None:
+        """Run the program until it ends or an op suspends it. ``inside`` is ``"backward"`` or
+        ``"forward"`` when called from a hook of a backward or forward in flight."""
         while True:
-            try:
-                op = self.program.send(self._value)
-            except StopIteration:
-                self._done = True
-                return
-            self._value = None
-            if type(op) is Backward:
-                result = self._backward(op, inside)
-                if result is _SUSPEND:
-                    return
-                self._value = result
+            if self._deferred is not None and inside is None:
+                op, self._deferred = self._deferred, None
             else:
-                if inside and type(op) is Forward:
+                try:
+                    op = self.program.send(self._value)
+                except StopIteration:
+                    self._done = True
+                    return
+            self._value = None
+            kind = type(op)
+            if inside == "forward" and (kind is Backward or kind is Forward and not self._continues(op)
+                                        or kind not in (Forward, Collective, Wait)):
+                self._deferred = op  # it runs once the module's forward has returned
+                return
+            if kind is Backward:
+                result = self._backward(op, inside == "backward")
+            elif kind is Forward:
+                if inside == "backward":
                     raise RuntimeError(
                         f"rank {self.rank}: the program started a forward while a backward was in flight "
                         "(a backward must cover the layers its forward ran before the next forward)"
                     )
-                self._value = self._execute(op)
+                result = self._forward(op, inside == "forward")
+            else:
+                result = self._execute(op)
+            if result is _SUSPEND:
+                return
+            self._value = result
 
     _HANDLERS = {
-        Forward: "_forward", OptimizerStep: "_optimizer_step", Collective: "_collective", Send: "_send",
+        OptimizerStep: "_optimizer_step", Collective: "_collective", Send: "_send",
         Recv: "_recv", RecvAny: "_recv_any", Encode: "_encode", Decode: "_decode", Apply: "_apply",
     }
 
@@ -191,10 +267,57 @@ class TorchExecutor:
 
     # compute
     def _check_model_parallel(self, op) -> None:
-        if op.tp_group is not None and len(op.tp_group) > 1:
-            raise ValueError("realrun does not run tensor parallelism yet (tp > 1)")
-        if getattr(op, "recompute", False):
-            raise ValueError("realrun does not run activation recomputation yet (recompute=True)")
+        if op.sequence_parallel:
+            raise ValueError("realrun does not run sequence parallelism yet (sequence_parallel=True): the "
+                             "replicated layers would have to run on a slice of the tokens; run it with "
+                             "sequence_parallel=False, or simulate it")
+        if op.tp_group is not None and len(op.tp_group) > 1 and self._tp is None:
+            self._tp_setup(op.tp_group)
+
+    def _tp_setup(self, group) -> None:
+        """Tensor parallelism: a view at the input of every column group, whose gradient the
+        program's backward all-reduce sums (Megatron's ``f``), and the vocabulary-split loss."""
+        from realrun.tensor_parallel import vocab_range
+        from strategies.tensor_parallel import comm_points
+
+        roles = self.job.layer_tp
+        self._tp = {"group": tuple(group), "starts": set(comm_points(roles, (0, len(roles)))[1])}
+        members = set()
+        for i in sorted(self._tp["starts"]):
+            j = i
+            while j < len(roles) and roles[j] in ("column", "head", "inner"):
+                if roles[j] in ("column", "head"):
+                    members.add(j)
+                j += 1
+        self._tp["members"] = members
+        vr = vocab_range(self.state.module)
+        if vr is not None and roles[-1] == "head" or (vr is not None and roles[-1] == "replicated"
+                                                       and "head" in roles):
+            lo, hi, vocab = vr
+            self.data.vocab_parallel = (lo, hi, vocab, self._group_max, self._group_sum)
+
+    def _group_op(self, op: str, buf: torch.Tensor) -> None:
+        group = self._tp["group"]
+        it = self.iteration
+
+        def task():
+            t0, t1 = self.comm.collective(op, "ring", group, buf)
+            self._comm_span(f"{op}:loss", t0, t1, it)
+
+        self.comm.submit(group, task).result()
+
+    def _group_sum(self, t: torch.Tensor) -> torch.Tensor:
+        buf = t.detach().reshape(-1).clone()
+        self._group_op("all_reduce", buf)
+        return buf.view_as(t)
+
+    def _group_max(self, t: torch.Tensor) -> torch.Tensor:
+        group = self._tp["group"]
+        n, me = t.numel(), group.index(self.rank)
+        buf = torch.zeros(n * len(group), dtype=t.dtype, device=t.device)
+        buf[me * n:(me + 1) * n] = t.detach().reshape(-1)
+        self._group_op("all_gather", buf)
+        return buf.view(len(group), n).max(dim=0).values.view_as(t)
 
     def _cancelled(self) -> bool:
         return any(h.is_completed() for h in self._cancel)
@@ -203,8 +326,75 @@ class TorchExecutor:
         if self._cancel and self._cancelled():
             raise _Cancelled
 
-    def _forward(self, op: Forward):
+    # layer hooks: where a forward op that ends inside a pipeline unit ends
+    def _pre_hook(self, i: int, module, args):
+        if self._fwd is None:
+            return None
+        new = None
+        if self._tp is not None and i in self._tp["members"] and args and torch.is_grad_enabled():
+            x = args[0]
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                view = self._f_views.get(id(x))
+                if view is None or i in self._tp["starts"] and view[0] != i:
+                    view = (i, x.view_as(x))
+                    view[1].register_hook(lambda g, i=i: self._tp_grad(i, g))
+                    self._f_views[id(x)] = view
+                    self._f_views[id(view[1])] = view
+                new = (view[1], *args[1:])
+        out = self._at_cut(i, (new or args)[0] if args else None)
+        if out is not None and args and out is not (new or args)[0]:
+            new = (out, *(new or args)[1:])
+        return new
+
+    def _post_hook(self, i: int, module, args, output):
+        if self._fwd is None:
+            return None
+        out = self._at_cut(i + 1, output)
+        return out if out is not output else None
+
+    def _at_cut(self, cut: int, tensor):
+        """A layer hook reached ``cut``: if the forward op in flight ends here, it is done, and the
+        program goes on from here until its next forward; collectives it issues meanwhile work on
+        ``tensor`` (answered back to the module)."""
+        rec = self._fwd
+        if rec is None or rec.seg[1] != cut or rec.target is None or cut == self.state.num_layers:
+            return tensor
+        self._piece_done(rec)
+        self._cut = [cut, tensor]
+        self._value = True
+        self._drive("forward")
+        out = self._cut[1]
+        self._cut = None
+        return out
+
+    def _continues(self, op: Forward) -> bool:
+        rec = self._fwd
+        return (rec is not None and op.micro_batch == rec.mb and op.segment[0] == rec.seg[1]
+                and op.recompute == rec.recompute and not op.cancel_on and not self._act_in[op.segment[0]])
+
+    def _piece_done(self, rec: _Record) -> None:
+        op, rec.target = rec.target, None
+        end = self.now()
+        a, b = op.segment
+        kind = "recompute" if rec.recompute else "forward"
+        self.rec.span("compute", f"{kind}[{a}:{b}]", rec.start, end, rec.iteration)
+        self.rec.compute(end - rec.start)
+
+    def _extend(self, rec: _Record, op: Forward) -> None:
+        a, b = op.segment
+        counts = self._layer_counts
+        for i in range(rec.seg[1], b):
+            if counts[i]:
+                rec.left[i] = counts[i]
+        rec.seg = (rec.seg[0], b)
+        rec.target = op
+        rec.start = self.now()
+
+    def _forward(self, op: Forward, inside: bool = False):
         self._check_model_parallel(op)
+        if inside:  # from a layer hook: the forward in flight goes on
+            self._extend(self._fwd, op)
+            return _SUSPEND
         state = self.state
         it = self.iteration
         if it != self._zeroed_for:  # gradients accumulate over an iteration's micro-batches
@@ -214,48 +404,147 @@ class TorchExecutor:
         n = state.num_layers
         size = self.job.samples(self.rank)
         lo = op.micro_batch * op.samples
-        start = self.now()
         if op.cancel_on and any(h.is_completed() for h in op.cancel_on):
             return False
-        if a == 0:
-            x = self.data.inputs(self.shard, it, size, lo, lo + op.samples)
-        else:
-            queue = self._act_in[a]
-            if not queue:
-                raise RuntimeError(f"rank {self.rank}: forward of layers [{a}, {b}) without a received activation")
-            x = queue.popleft()
+        rec = self._open
+        if not (rec is not None and rec.mb == op.micro_batch and rec.seg[1] == a and rec.recompute == op.recompute
+                and rec.iteration == it and rec.seg[1] < n and not self._act_in[a]):
+            rec = self._new_record(op, size, lo)
+        self._open = None
+        self._extend(rec, op)
+        self._fwd = rec
         self._cancel = op.cancel_on
+        self._f_views = {}
         try:
-            out = state.run_segment((a, b), x)
-            if b == n:
+            with torch.no_grad() if rec.saved is not None else nullcontext(), self._rng(rec):
+                out = self._run_units(rec, rec.out)
+            if rec.seg[1] == n:
                 loss = self.data.loss(out, self.shard, it, size, lo, lo + op.samples)
-                self.losses[it] = self.losses.get(it, 0.0) + float(loss) * op.samples / size
-                root = loss * (op.samples / size)
+                if not rec.recompute:
+                    self.losses[it] = self.losses.get(it, 0.0) + float(loss) * op.samples / size
+                rec.root = loss * (op.samples / size)
             else:
-                root = out
+                rec.root = out
         except _Cancelled:
-            self.rec.span("compute", f"forward[{a}:{b}] (cancelled)", start, self.now(), it)
+            self.rec.span("compute", f"forward[{a}:{rec.seg[1]}] (cancelled)", rec.start, self.now(), it)
+            self._records.pop(rec.key, None)
             return False
         finally:
+            self._fwd = None
             self._cancel = ()
-        left = {i: self._layer_counts[i] for i in range(a, b) if self._layer_counts[i]}
-        self._records[(op.micro_batch, a)] = _Record(op.micro_batch, (a, b), x, out, root, left, it)
-        if b < n:
-            self._last_out[b] = out.detach()
-        end = self.now()
-        self.rec.span("compute", f"forward[{a}:{b}]", start, end, it)
-        self.rec.compute(end - start)
-        if a == 0:
+            self._f_views = {}
+        rec.out = out
+        self._open = rec
+        if rec.seg[1] < n and not rec.recompute:
+            self._last_out[rec.seg[1]] = out.detach()
+        if rec.target is not None:  # else a layer hook ended it, and the program went on from there
+            self._piece_done(rec)
+        if a == 0 and not rec.recompute:
             self.rec.samples(op.samples)
         return True
 
+    def _new_record(self, op: Forward, size: int, lo: int) -> _Record:
+        a = op.segment[0]
+        it = self.iteration
+        if op.recompute:  # a checkpointed unit, again: from the input its first forward kept
+            parent = next((r for r in self._records.values() if r.mb == op.micro_batch and r.saved is not None
+                           and r.seg[0] <= a < r.seg[1]), None)
+            if parent is None or a not in parent.saved:
+                raise RuntimeError(f"rank {self.rank}: recompute of layers from {a} (micro-batch {op.micro_batch}) "
+                                   "without a checkpointed forward that kept its input; a recompute unit must "
+                                   f"begin where one of the model's pipeline units does ({self._unit_list()})")
+            x, rng = parent.saved.pop(a)
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                x = x.detach().requires_grad_(True)
+            rec = _Record(op.micro_batch, (a, a), x, it, (op.micro_batch, a, "recompute"), True, parent)
+            rec.rng = rng
+        else:
+            if a == 0:
+                x = self.data.inputs(self.shard, it, size, lo, lo + op.samples)
+            else:
+                queue = self._act_in[a]
+                if not queue:
+                    raise RuntimeError(f"rank {self.rank}: forward of layers {op.segment} without a received activation")
+                x = queue.popleft()
+            rec = _Record(op.micro_batch, (a, a), x, it, (op.micro_batch, a))
+            if self._recompute:
+                rec.saved = {}
+        self._records[rec.key] = rec
+        return rec
+
+    @contextmanager
+    def _rng(self, rec: _Record):
+        """A recompute draws the random numbers (dropout) its unit's first forward drew, from the
+        state kept then, apart from the run's own stream (as ``torch.utils.checkpoint`` does)."""
+        if not rec.recompute:
+            yield
+            return
+        cuda = [self.state.device] if self.state.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            cpu, gpu = rec.rng
+            torch.set_rng_state(cpu)
+            if gpu is not None:
+                torch.cuda.set_rng_state(gpu, self.state.device)
+            yield
+            rec.rng = self._rng_state()
+
+    def _rng_state(self):
+        gpu = torch.cuda.get_rng_state(self.state.device) if self.state.device.type == "cuda" else None
+        return torch.get_rng_state(), gpu
+
+    def _unit_list(self) -> str:
+        return ", ".join(str(u) for u in sorted(self._unit_starts)[:8])
+
+    def _run_units(self, rec: _Record, x):
+        """Run the model from layer ``rec.seg[0]`` (or where the record's forward stopped) until the
+        forward op in flight ends, at a pipeline unit's boundary; hooks end ops inside units."""
+        state = self.state
+        n = state.num_layers
+        pos = rec.target.segment[0]
+        if pos == 0 and rec.saved is None and (rec.seg[1] == n or not self._unit_starts):
+            x = state.module(x)  # the whole model; layer hooks end the ops inside it
+            if rec.seg[1] != n:
+                raise RuntimeError(f"rank {self.rank}: the forward op of layers {rec.target.segment} did not end "
+                                   "where a layer of the model began or ended")
+            return x
+        if not self._unit_starts:
+            raise ValueError(f"realrun: {type(state.module).__name__} cannot be cut into pipeline units (give it "
+                             "pipeline_units() or make it an nn.Sequential), which activation recomputation "
+                             "and forwards from a layer other than the first need")
+        units = state.units()
+        k = next((j for j, (_, _, (u0, _)) in enumerate(units) if u0 == pos), None)
+        if k is None:
+            raise ValueError(
+                f"realrun: a forward from layer {pos} does not start between the model's pipeline units; "
+                f"stages may begin at layers {state.unit_starts()[:-1]} (give the strategy boundaries among them)")
+        while k < len(units):
+            _, fn, (u0, u1) = units[k]
+            end = rec.seg[1]
+            if not (u0 < end or u0 == u1 == end == n):
+                break
+            if rec.saved is not None and u0 not in rec.saved:
+                rec.saved[u0] = (x.detach() if isinstance(x, torch.Tensor) else x, self._rng_state())
+            x = fn(x)
+            pos = u1
+            k += 1
+        if pos != rec.seg[1]:
+            raise ValueError(
+                f"realrun: a forward of layers [{rec.seg[0]}, {rec.seg[1]}) ends inside a pipeline unit of the model, "
+                f"which ran on to layer {pos}; stages may end at layers {state.unit_starts()[1:]} (give the "
+                "strategy boundaries among them)")
+        return x
+
     def _record_for(self, op: Backward) -> _Record:
         a, b = op.segment
-        for (mb, _), rec in self._records.items():
-            if mb == op.micro_batch and rec.seg[0] <= a and b <= rec.seg[1]:
-                return rec
-        raise RuntimeError(f"rank {self.rank}: backward of layers [{a}, {b}), micro-batch {op.micro_batch}, "
-                           "without its forward")
+        found = None
+        for rec in self._records.values():
+            if rec.mb == op.micro_batch and rec.seg[0] <= a and b <= rec.seg[1] and rec.saved is None:
+                if found is None or rec.recompute:
+                    found = rec
+        if found is None:
+            raise RuntimeError(f"rank {self.rank}: backward of layers [{a}, {b}), micro-batch {op.micro_batch}, "
+                               "without its forward (or, with recomputation, without its recompute)")
+        return found
 
     def _ready(self, rec: _Record, seg) -> bool:
         left = rec.left
@@ -277,12 +566,9 @@ class TorchExecutor:
             return True
         if inside:
             raise RuntimeError(f"rank {self.rank}: a second backward began while one was in flight")
-        grad = None
-        if rec.seg[1] < self.state.num_layers:
-            queue = self._grad_in[rec.seg[0]]
-            if not queue:
-                raise RuntimeError(f"rank {self.rank}: backward of layers {rec.seg} without a received gradient")
-            grad = queue.popleft()
+        if self._open is rec:
+            self._open = None
+        grad = self._output_grad(rec)
         self._target = (op, rec, start)
         self._active = rec
         rec.state = "running"
@@ -296,9 +582,18 @@ class TorchExecutor:
             self._active = None
             self._cancel = ()
         rec.state = "done"
-        del self._records[(rec.mb, rec.seg[0])]
-        if isinstance(rec.x, torch.Tensor) and rec.x.requires_grad and rec.x.grad is not None:
-            self._last_in_grad[rec.seg[0]] = rec.x.grad
+        del self._records[rec.key]
+        self._pending_grad.clear()
+        x_grad = rec.x.grad if isinstance(rec.x, torch.Tensor) and rec.x.requires_grad else None
+        self._in_grad = (rec.seg[0], x_grad)
+        parent = rec.parent
+        if parent is not None and rec.seg[0] > parent.seg[0]:
+            parent.grads[rec.seg[0]] = x_grad  # the output gradient of the unit below
+        else:
+            if parent is not None:
+                self._records.pop(parent.key, None)
+            if x_grad is not None:
+                self._last_in_grad[rec.seg[0]] = x_grad
         target, self._target = self._target, None
         if cancelled:
             self.state.zero_grads()
@@ -309,6 +604,24 @@ class TorchExecutor:
         if target is not None:
             self._backward_span(target[0], target[2])
         return True
+
+    def _output_grad(self, rec: _Record):
+        """The gradient backward starts from: none at the loss, the unit above's input gradient
+        for a recomputed unit, else what the next stage sent."""
+        top = rec.parent.seg[1] if rec.parent is not None else rec.seg[1]
+        if rec.seg[1] < top:
+            grad = rec.parent.grads.pop(rec.seg[1], None)
+            if grad is None:
+                raise RuntimeError(f"rank {self.rank}: backward of recomputed layers {rec.seg} before the "
+                                   f"layers above them ({rec.seg[1]} on)")
+            return grad
+        if top < self.state.num_layers:
+            start = rec.parent.seg[0] if rec.parent is not None else rec.seg[0]
+            queue = self._grad_in[start]
+            if not queue:
+                raise RuntimeError(f"rank {self.rank}: backward of layers {rec.seg} without a received gradient")
+            return queue.popleft()
+        return None
 
     def _backward_span(self, op, start) -> None:
         end = self.now()
@@ -332,21 +645,45 @@ class TorchExecutor:
             self._target = None
             self._backward_span(op, start)
             self._value = True
-            self._drive(inside=True)
+            self._drive("backward")
+
+    def _tp_grad(self, i: int, grad: torch.Tensor):
+        """The gradient of column group ``i``'s input (each rank's part of the sum) is complete."""
+        rec = self._active
+        if rec is None:
+            return None
+        pending = self._pending_grad.pop(i, None)
+        if pending is not None:  # the program reduced it already (its backward op ended on a parameter)
+            return self._reduce_tensor(*pending, grad)
+        if i <= rec.seg[0]:  # the bottom of the record: fixed on the input's gradient afterwards
+            self._partial[i] = grad.detach().clone()
+            return None
+        target = self._target
+        if target is None or target[1] is not rec or target[0].segment[0] != i or not self._ready(
+                rec, target[0].segment):
+            raise RuntimeError(f"rank {self.rank}: the input gradient of tensor-parallel layer {i} was complete "
+                               "before the program's backward reached it")
+        self._target = None
+        self._backward_span(target[0], target[2])
+        self._grad_at = [i, grad]
+        self._value = True
+        self._drive("backward")
+        out = self._grad_at[1]
+        self._grad_at = None
+        return out
 
     def _optimizer_step(self, op: OptimizerStep):
         start = self.now()
         a, b = self.state.span(op.layers, None)
-        if op.fraction < 1.0:  # ZeRO: step the parts reduce-scatter left here
-            with self._lock:
-                mine = sorted(r for r in self._shards if a <= r[0] and r[1] <= b)
-                parts = [(r, self._shards.pop(r)) for r in mine]
-            if not parts and b > a:
-                raise ValueError("realrun: a sharded optimizer step (fraction < 1) without reduce-scattered "
-                                 "gradients; tensor parallelism is not run yet")
+        with self._lock:
+            mine = sorted(r for r in self._shards if a <= r[0] and r[1] <= b)
+            parts = [(r, self._shards.pop(r)) for r in mine]
+        if parts:  # ZeRO: step the parts reduce-scatter left here
             for (x, y), grad in parts:
                 self.opt.step((x, y), self.state.params[x:y], grad)
-        else:
+        elif op.fraction < 1.0 and self._tp is None and b > a:
+            raise ValueError("realrun: a sharded optimizer step (fraction < 1) without reduce-scattered gradients")
+        else:  # the whole range this rank holds (with tensor parallelism, its slices)
             self.opt.step((a, b), self.state.params[a:b], self.state.grads[a:b])
         end = self.now()
         self.rec.span("compute", "optimizer_step", start, end, self.iteration)
@@ -504,6 +841,8 @@ class TorchExecutor:
                     self._comm_span(name, t0, t1, it)
             else:
                 raise ValueError(f"realrun: {op.op} of a compressed payload is not defined")
+        elif role in ("activations", "activation_grads"):
+            return self._activation_collective(op, group)
         elif role == "custom":
             buf = torch.zeros(int(op.tensor.nbytes), dtype=torch.uint8)
 
@@ -511,7 +850,7 @@ class TorchExecutor:
                 t0, t1 = comm.collective(op.op, op.algorithm, group, buf, op.root, node_of)
                 self._comm_span(name, t0, t1, it)
         else:
-            raise ValueError(f"realrun does not run collectives of {role} yet (tensor parallelism)")
+            raise ValueError(f"realrun does not run collectives of {role}")
         future = comm.submit(group, task)
         handle = Handle(future)
         if role == "payload":
@@ -520,6 +859,60 @@ class TorchExecutor:
             return handle
         handle.wait()
         return None
+
+    def _activation_collective(self, op: Collective, group):
+        """Tensor parallelism: an all-reduce of an activation (``activations``: the output of
+        layer ``layers[0]``, at the cut after it) or of a column group's input gradient
+        (``activation_grads``: the input of layer ``layers[0]``). It works on the tensor at the cut:
+        in a layer hook, or the record's output between pipeline units; a gradient whose hook
+        has not come yet is reduced when it comes (nothing else can use it before)."""
+        if op.op != "all_reduce":
+            raise ValueError(f"realrun runs tensor-parallel activations with all_reduce, not {op.op} "
+                             "(sequence parallelism is not run yet)")
+        i = op.tensor.layers[0] if op.tensor.layers else -1
+        if op.tensor.role == "activations":
+            if self._cut is not None and self._cut[0] == i + 1:
+                self._cut[1] = self._reduce_activation(op, group, self._cut[1])
+                return None
+            rec = self._open
+            if rec is None or rec.seg[1] != i + 1:
+                raise RuntimeError(f"rank {self.rank}: all_reduce of the output of layer {i}, but no forward "
+                                   "has just ended after that layer")
+            rec.out = self._reduce_activation(op, group, rec.out)
+            if rec.root is not None and rec.seg[1] < self.state.num_layers:
+                rec.root = rec.out
+            if rec.seg[1] in self._last_out:
+                self._last_out[rec.seg[1]] = rec.out.detach()
+            return None
+        if self._grad_at is not None and self._grad_at[0] == i:
+            self._grad_at[1] = self._reduce_tensor(op, group, self._grad_at[1])
+            return None
+        rec = self._active
+        if rec is not None and i > rec.seg[0]:  # its gradient is still to come in this backward
+            self._pending_grad[i] = (op, group)
+            return None
+        part = self._partial.pop(i, None)
+        at, grad = self._in_grad
+        if part is None or grad is None or at != i:  # no gradient flows there (the model's input): the bytes move
+            self._reduce_tensor(op, group, torch.zeros(max(1, int(op.tensor.nbytes) // 4)))
+            return None
+        grad.add_(self._reduce_tensor(op, group, part) - part)
+        return None
+
+    def _reduce_tensor(self, op: Collective, group, tensor: torch.Tensor) -> torch.Tensor:
+        buf = tensor.detach().contiguous().view(-1).clone()
+        name, it = f"{op.op}:{op.tensor.name}", self.iteration
+
+        def task():
+            t0, t1 = self.comm.collective("all_reduce", op.algorithm, group, buf)
+            self._comm_span(name, t0, t1, it)
+
+        self.comm.submit(group, task).result()
+        return buf.view_as(tensor)
+
+    def _reduce_activation(self, op: Collective, group, tensor: torch.Tensor) -> torch.Tensor:
+        value = self._reduce_tensor(op, group, tensor)
+        return _Replace.apply(tensor, value) if tensor.requires_grad else value
 
     def _weight(self, role: str, group) -> float:
         job = self.job

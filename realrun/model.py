@@ -52,14 +52,18 @@ class ModelState:
     """A module with its parameters and gradients as views into two flat buffers, in the
     workload's layer order."""
 
-    def __init__(self, module: nn.Module, workload: Workload, device: torch.device):
+    def __init__(self, module: nn.Module, workload: Workload, device: torch.device,
+                 owned: list[int] | None = None):
+        """``owned``: the parameters each layer holds when they differ from the workload's
+        (a tensor-parallel rank's slices, :func:`realrun.tensor_parallel.shard_module`)."""
         self.module = module
         self.workload = workload
         self.device = device
         n = len(workload.layers)
         counted: set[int] = set()
         self.layer_params: list[list[nn.Parameter]] = []
-        for layer in workload.layers:
+        self.layer_modules: list[nn.Module] = []
+        for k, layer in enumerate(workload.layers):
             path = "" if layer.name == ROOT_LAYER else layer.name
             try:
                 sub = module.get_submodule(path)
@@ -71,11 +75,13 @@ class ModelState:
             own = [p for p in sub.parameters(recurse=False) if id(p) not in counted]
             counted.update(id(p) for p in sub.parameters(recurse=False))
             size = sum(p.numel() for p in own)
-            if size != layer.params:
+            expected = layer.params if owned is None else owned[k]
+            if size != expected:
                 raise ValueError(
                     f"realrun: module {layer.name!r} owns {size} parameters but the workload's layer says "
-                    f"{layer.params}; the workload was not extracted from this model"
+                    f"{expected}; the workload was not extracted from this model"
                 )
+            self.layer_modules.append(sub)
             self.layer_params.append(own)
         stray = [name for name, p in module.named_parameters() if id(p) not in counted and p.requires_grad]
         if stray:
@@ -191,6 +197,9 @@ class Data:
         else:
             self._make = make_input
         self.loss_fn = loss
+        self.vocab_parallel: tuple | None = None
+        """``(lo, hi, vocabulary, group_max, group_sum)`` when the output holds vocabulary
+        ``[lo, hi)`` of a tensor-parallel head: the loss is taken over the group."""
         self._inputs: dict[tuple[int, int], torch.Tensor] = {}
         self._targets: dict[tuple[int, int], torch.Tensor] = {}
 
@@ -216,11 +225,20 @@ class Data:
             g = torch.Generator().manual_seed(derived_seed(self.seed, shard, iteration, 2))
             rest = tuple(output.shape[1:])
             if output.is_floating_point() and output.dim() >= 2 and self.loss_fn is None:
-                target = torch.randint(0, output.shape[-1], (size, *rest[:-1]), generator=g)
+                classes = output.shape[-1] if self.vocab_parallel is None else self.vocab_parallel[2]
+                target = torch.randint(0, classes, (size, *rest[:-1]), generator=g)
             else:
                 target = torch.randn((size, *rest), generator=g)
             self._targets[key] = target = target.to(self.device)
         t = target[lo:hi]
+        if self.vocab_parallel is not None:
+            if self.loss_fn is not None:
+                raise ValueError("realrun: a loss function of your own cannot take a tensor-parallel output head's "
+                                 "vocabulary-split logits; leave loss=None (cross-entropy over the group)")
+            from realrun.tensor_parallel import vocab_parallel_cross_entropy
+
+            lo_v, hi_v, _, group_max, group_sum = self.vocab_parallel
+            return vocab_parallel_cross_entropy(output, t, lo_v, hi_v, group_max, group_sum)
         if self.loss_fn is not None:
             return self.loss_fn(output, t)
         if t.dtype == torch.int64:

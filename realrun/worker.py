@@ -55,13 +55,22 @@ def run_rank(spec: dict, rank: int, world: int, folder: Path, *, local_rank: int
         kwargs = {"device_id": device} if backend == "nccl" else {}
         dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=opts["collective_timeout"]), **kwargs)
-    torch.manual_seed(derived_seed(exp.seed, rank, 7))  # dropout: its own stream per rank
+    job = exp.job()
+    group_of = getattr(exp.strategy, "tensor_group", None)
+    tp_group = tuple(group_of(job, rank)) if callable(group_of) else (rank,)
+    # dropout: a stream per rank, the same over a tensor-parallel group (its replicated layers agree)
+    torch.manual_seed(derived_seed(exp.seed, tp_group[0], 7))
     module = spec.get("model")
     module = copy.deepcopy(module).to(device) if module is not None else build_model(exp.workload, exp.seed, device)
     module.train()
-    state = ModelState(module, exp.workload, device)
+    owned = None
+    if len(tp_group) > 1:
+        from realrun.tensor_parallel import shard_module
+
+        names = [layer.name for layer in exp.workload.layers]
+        owned = shard_module(module, names, job.layer_tp, len(tp_group), tp_group.index(rank))
+    state = ModelState(module, exp.workload, device, owned)
     data = Data(module, exp.seed, device, spec.get("data"), spec.get("loss"))
-    job = exp.job()
     programs = exp.strategy.programs(job)
     shard_of = getattr(exp.strategy, "data_shard", None)
     shard = shard_of(job, rank) if callable(shard_of) else rank

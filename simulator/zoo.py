@@ -227,6 +227,10 @@ BERT_CONFIGS: dict[str, TransformerConfig] = {
 class SelfAttention(nn.Module):
     """Multi-head self-attention with fused QKV projection (causal or not)."""
 
+    tp_fused = {"qkv": 3}
+    """``qkv``'s output rows are three blocks (q, k, v): a tensor-parallel split takes the
+    same heads from each (:func:`realrun.tensor_parallel.shard_module`)."""
+
     def __init__(self, d_model: int, n_head: int, *, causal: bool, dropout: float) -> None:
         super().__init__()
         if d_model % n_head:
@@ -236,12 +240,15 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, seq, width = x.shape
-        q, k, v = self.qkv(x).view(batch, seq, 3, self.n_head, width // self.n_head).unbind(2)
+        # Shapes come from the projection's output, so a tensor-parallel rank that holds
+        # n_head / t heads (a slice of qkv's rows, see realrun.tensor_parallel) runs this unchanged.
+        h = self.qkv(x)
+        batch, seq = h.shape[:2]
+        q, k, v = h.view(batch, seq, 3, self.n_head, -1).unbind(2)
         y = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             dropout_p=self.dropout if self.training else 0.0, is_causal=self.causal)
-        return self.proj(y.transpose(1, 2).reshape(batch, seq, width))
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, -1))
 
 
 class FeedForward(nn.Module):
