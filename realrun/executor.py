@@ -233,7 +233,7 @@ class TorchExecutor:
                     return
             self._value = None
             kind = type(op)
-            if inside == "forward" and (kind is Backward or kind is Forward and not self._continues(op)
+            if inside == "forward" and (kind is Backward or kind is Forward and not self._continues(op, self._fwd)
                                         or kind not in (Forward, Collective, Wait)):
                 self._deferred = op  # it runs once the module's forward has returned
                 return
@@ -277,7 +277,7 @@ class TorchExecutor:
     def _tp_setup(self, group) -> None:
         """Tensor parallelism: a view at the input of every column group, whose gradient the
         program's backward all-reduce sums (Megatron's ``f``), and the vocabulary-split loss."""
-        from realrun.tensor_parallel import vocab_range
+        from realrun.tensor_parallel import head_slice
         from strategies.tensor_parallel import comm_points
 
         roles = self.job.layer_tp
@@ -290,25 +290,23 @@ class TorchExecutor:
                     members.add(j)
                 j += 1
         self._tp["members"] = members
-        vr = vocab_range(self.state.module)
-        if vr is not None and roles[-1] == "head" or (vr is not None and roles[-1] == "replicated"
-                                                       and "head" in roles):
-            lo, hi, vocab = vr
-            self.data.vocab_parallel = (lo, hi, vocab, self._group_max, self._group_sum)
+        head = head_slice(self.state.module)
+        if head is not None:  # the output holds the head's vocabulary slice: the loss is the group's
+            self.data.vocab_parallel = (*head, self._group_max, self._group_sum)
 
-    def _group_op(self, op: str, buf: torch.Tensor) -> None:
-        group = self._tp["group"]
+    def _sync_collective(self, op: str, algorithm: str, group, buf: torch.Tensor, name: str) -> None:
+        """``op`` in place on ``buf`` over ``group``, on the group's stream, waited for."""
         it = self.iteration
 
         def task():
-            t0, t1 = self.comm.collective(op, "ring", group, buf)
-            self._comm_span(f"{op}:loss", t0, t1, it)
+            t0, t1 = self.comm.collective(op, algorithm, group, buf)
+            self._comm_span(name, t0, t1, it)
 
         self.comm.submit(group, task).result()
 
     def _group_sum(self, t: torch.Tensor) -> torch.Tensor:
         buf = t.detach().reshape(-1).clone()
-        self._group_op("all_reduce", buf)
+        self._sync_collective("all_reduce", "ring", self._tp["group"], buf, "all_reduce:loss")
         return buf.view_as(t)
 
     def _group_max(self, t: torch.Tensor) -> torch.Tensor:
@@ -316,7 +314,7 @@ class TorchExecutor:
         n, me = t.numel(), group.index(self.rank)
         buf = torch.zeros(n * len(group), dtype=t.dtype, device=t.device)
         buf[me * n:(me + 1) * n] = t.detach().reshape(-1)
-        self._group_op("all_gather", buf)
+        self._sync_collective("all_gather", "ring", group, buf, "all_gather:loss")
         return buf.view(len(group), n).max(dim=0).values.view_as(t)
 
     def _cancelled(self) -> bool:
@@ -367,10 +365,12 @@ class TorchExecutor:
         self._cut = None
         return out
 
-    def _continues(self, op: Forward) -> bool:
-        rec = self._fwd
+    def _continues(self, op: Forward, rec: _Record | None) -> bool:
+        """Whether forward ``op`` goes on with ``rec``'s forward (the same graph): the same
+        micro-batch and iteration, from where it stopped, and no activation received for it."""
         return (rec is not None and op.micro_batch == rec.mb and op.segment[0] == rec.seg[1]
-                and op.recompute == rec.recompute and not op.cancel_on and not self._act_in[op.segment[0]])
+                and op.recompute == rec.recompute and rec.iteration == self.iteration
+                and rec.seg[1] < self.state.num_layers and not op.cancel_on and not self._act_in[op.segment[0]])
 
     def _piece_done(self, rec: _Record) -> None:
         op, rec.target = rec.target, None
@@ -406,10 +406,7 @@ class TorchExecutor:
         lo = op.micro_batch * op.samples
         if op.cancel_on and any(h.is_completed() for h in op.cancel_on):
             return False
-        rec = self._open
-        if not (rec is not None and rec.mb == op.micro_batch and rec.seg[1] == a and rec.recompute == op.recompute
-                and rec.iteration == it and rec.seg[1] < n and not self._act_in[a]):
-            rec = self._new_record(op, size, lo)
+        rec = self._open if self._continues(op, self._open) else self._new_record(op, size, lo)
         self._open = None
         self._extend(rec, op)
         self._fwd = rec
@@ -892,22 +889,19 @@ class TorchExecutor:
             self._pending_grad[i] = (op, group)
             return None
         part = self._partial.pop(i, None)
-        at, grad = self._in_grad
-        if part is None or grad is None or at != i:  # no gradient flows there (the model's input): the bytes move
+        if part is None:  # no gradient flows there (the model's input): the bytes move all the same
             self._reduce_tensor(op, group, torch.zeros(max(1, int(op.tensor.nbytes) // 4)))
             return None
+        at, grad = self._in_grad
+        if at != i or grad is None:
+            raise RuntimeError(f"rank {self.rank}: all_reduce of the input gradient of layer {i}, whose backward "
+                               "was not the last one to end")
         grad.add_(self._reduce_tensor(op, group, part) - part)
         return None
 
     def _reduce_tensor(self, op: Collective, group, tensor: torch.Tensor) -> torch.Tensor:
         buf = tensor.detach().contiguous().view(-1).clone()
-        name, it = f"{op.op}:{op.tensor.name}", self.iteration
-
-        def task():
-            t0, t1 = self.comm.collective("all_reduce", op.algorithm, group, buf)
-            self._comm_span(name, t0, t1, it)
-
-        self.comm.submit(group, task).result()
+        self._sync_collective("all_reduce", op.algorithm, group, buf, f"{op.op}:{op.tensor.name}")
         return buf.view_as(tensor)
 
     def _reduce_activation(self, op: Collective, group, tensor: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simulator.workload import ROOT_LAYER
 from strategies.tensor_parallel import SPLIT_ROLES
 
 
@@ -63,14 +64,15 @@ class VocabParallelEmbedding(nn.Embedding):
     """Tokens ``[lo, hi)`` of an ``Embedding``; others look up zeros."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, lo: int, hi: int, padding_idx=None):
-        super().__init__(hi - lo, embedding_dim, device="meta")
+        local = padding_idx - lo if padding_idx is not None and lo <= padding_idx < hi else None
+        super().__init__(hi - lo, embedding_dim, padding_idx=local, device="meta")
         self.lo, self.hi, self.vocab = lo, hi, num_embeddings
-        self.full_padding_idx = padding_idx
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         outside = (idx < self.lo) | (idx >= self.hi)
         local = (idx - self.lo).masked_fill(outside, 0)
-        return F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        out = F.embedding(local, self.weight, self.padding_idx)
+        return out.masked_fill(outside.unsqueeze(-1), 0.0)
 
 
 def _set(module: nn.Module, path: str, new: nn.Module) -> None:
@@ -123,6 +125,8 @@ def shard_module(module: nn.Module, names, roles, t: int, r: int) -> list[int]:
             bias = sliced(mod.bias, 0, lo, hi, blocks)
             new = nn.Linear(mod.in_features, weight.shape[0], bias=bias is not None, device="meta")
             new.weight, new.bias = weight, bias
+            if role == "head":
+                new.vocab_slice = (lo, hi, mod.out_features)
         elif role == "row":
             if not isinstance(mod, nn.Linear):
                 raise ValueError(f"realrun splits row-parallel layers that are nn.Linear; {name!r} is "
@@ -159,18 +163,18 @@ def shard_module(module: nn.Module, names, roles, t: int, r: int) -> list[int]:
     counted: set[int] = set()
     owned = []
     for name in names:
-        sub = module.get_submodule(name if name != "<root>" else "")
+        sub = module.get_submodule(name if name != ROOT_LAYER else "")
         own = [p for p in sub.parameters(recurse=False) if id(p) not in counted]
         counted.update(id(p) for p in own)
         owned.append(sum(p.numel() for p in own))
     return owned
 
 
-def vocab_range(module: nn.Module) -> tuple[int, int, int] | None:
-    """``(lo, hi, vocabulary)`` of the vocabulary-split embedding in ``module``, if any."""
+def head_slice(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(lo, hi, vocabulary)``: the vocabulary rows the split output head in ``module`` keeps, if any."""
     for sub in module.modules():
-        if isinstance(sub, VocabParallelEmbedding):
-            return sub.lo, sub.hi, sub.vocab
+        if hasattr(sub, "vocab_slice"):
+            return sub.vocab_slice
     return None
 
 
