@@ -143,6 +143,21 @@ class _Replace(torch.autograd.Function):
         return grad, None
 
 
+class _Through(torch.autograd.Function):
+    """Forward: ``fn(x)``, a collective over the group (sequence parallelism's reduce-scatter
+    after a row layer or all-gather before a column group); backward: ``back(grad)``, the
+    collective the program issues for the gradient there (the other one of the pair)."""
+
+    @staticmethod
+    def forward(ctx, x, fn, back):
+        ctx.back = back
+        return fn(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad):
+        return ctx.back(grad), None, None
+
+
 class TorchExecutor:
     def __init__(self, rank, job, strategy, program, state, data, comm: Comm, recorder, *,
                  optimizer: FlatOptimizer, shard: int, clock0: float):
@@ -180,9 +195,12 @@ class TorchExecutor:
         self._open: _Record | None = None  # the record the next forward op may go on with
         self._cut: list | None = None  # [layer, tensor] where a forward op ended inside the module
         self._deferred = None  # an op the program issued there that must wait for the module to return
-        self._grad_at: list | None = None  # [layer, gradient] of a column group's input, in its hook
-        self._pending_grad: dict[int, tuple] = {}  # reductions asked for before their gradient came
-        self._partial: dict[int, torch.Tensor] = {}  # column-group input gradients at a record's bottom
+        self._grad_at: list | None = None  # [(op, layer), gradient] at a tensor-parallel cut, in its hook
+        self._pending_grad: dict[tuple, tuple] = {}  # collectives asked for before their gradient came
+        self._partial: dict[tuple, torch.Tensor] = {}  # gradients at a record's bottom, for the collective after
+        self._later: dict[tuple, deque] = defaultdict(deque)  # gradient collectives for a backward to come
+        self._at_start: dict[int, list] = {}  # collectives of the input of the forward that begins at a layer
+        self._ungathered: dict[int, torch.Tensor] = {}  # a unit's input before the gather of its column group
         self._in_grad: tuple = (-1, None)  # (layer, gradient) of the input of the last backward's record
         self._f_views: dict = {}
         self._tp: dict | None = None
@@ -267,29 +285,28 @@ class TorchExecutor:
 
     # compute
     def _check_model_parallel(self, op) -> None:
-        if op.sequence_parallel:
-            raise ValueError("realrun does not run sequence parallelism yet (sequence_parallel=True): the "
-                             "replicated layers would have to run on a slice of the tokens; run it with "
-                             "sequence_parallel=False, or simulate it")
         if op.tp_group is not None and len(op.tp_group) > 1 and self._tp is None:
-            self._tp_setup(op.tp_group)
+            self._tp_setup(op.tp_group, op.sequence_parallel)
 
-    def _tp_setup(self, group) -> None:
+    def _tp_setup(self, group, sequence_parallel: bool) -> None:
         """Tensor parallelism: a view at the input of every column group, whose gradient the
-        program's backward all-reduce sums (Megatron's ``f``), and the vocabulary-split loss."""
+        program's backward all-reduce sums (Megatron's ``f``), and the vocabulary-split loss.
+        With sequence parallelism the program's all-gather before a column group replaces its
+        input instead (no view), and its backward reduce-scatters the gradient."""
         from realrun.tensor_parallel import head_slice
         from strategies.tensor_parallel import comm_points
 
         roles = self.job.layer_tp
-        self._tp = {"group": tuple(group), "starts": set(comm_points(roles, (0, len(roles)))[1])}
-        members = set()
+        self._tp = {"group": tuple(group), "starts": set(comm_points(roles, (0, len(roles)))[1]),
+                    "sp": bool(sequence_parallel)}
+        members = {}
         for i in sorted(self._tp["starts"]):
             j = i
             while j < len(roles) and roles[j] in ("column", "head", "inner"):
                 if roles[j] in ("column", "head"):
-                    members.add(j)
+                    members[j] = i
                 j += 1
-        self._tp["members"] = members
+        self._tp["members"] = members  # column layer -> the first of its group
         head = head_slice(self.state.module)
         if head is not None:  # the output holds the head's vocabulary slice: the loss is the group's
             self.data.vocab_parallel = (*head, self._group_max, self._group_sum)
@@ -329,11 +346,15 @@ class TorchExecutor:
         if self._fwd is None:
             return None
         new = None
-        if self._tp is not None and i in self._tp["members"] and args and torch.is_grad_enabled():
-            x = args[0]
-            if isinstance(x, torch.Tensor) and x.requires_grad:
-                view = self._f_views.get(id(x))
-                if view is None or i in self._tp["starts"] and view[0] != i:
+        tp = self._tp
+        x = args[0] if args else None
+        if tp is not None and i in tp["members"] and isinstance(x, torch.Tensor):
+            view = self._f_views.get(id(x))
+            if tp["sp"]:  # a later member of a group: the input the first one's all-gather made
+                if view is not None and view[2] is x and view[0] == tp["members"][i] != i:
+                    new = (view[1], *args[1:])
+            elif torch.is_grad_enabled() and x.requires_grad:
+                if view is None or i in tp["starts"] and view[0] != i:
                     view = (i, x.view_as(x))
                     view[1].register_hook(lambda g, i=i: self._tp_grad(i, g))
                     self._f_views[id(x)] = view
@@ -341,6 +362,8 @@ class TorchExecutor:
                 new = (view[1], *args[1:])
         out = self._at_cut(i, (new or args)[0] if args else None)
         if out is not None and args and out is not (new or args)[0]:
+            if tp is not None and tp["sp"]:
+                self._f_views[id(x)] = (i, out, x)  # x kept alive: its id is not reused meanwhile
             new = (out, *(new or args)[1:])
         return new
 
@@ -466,6 +489,12 @@ class TorchExecutor:
             rec = _Record(op.micro_batch, (a, a), x, it, (op.micro_batch, a))
             if self._recompute:
                 rec.saved = {}
+        start = self._at_start.pop(a, ())
+        if start and rec.saved is not None:
+            self._ungathered[a] = rec.x  # the unit's recompute gathers it again
+        for fn in start:  # collectives the program issued on this input (a column group's gather)
+            with torch.no_grad() if rec.saved is not None else nullcontext():
+                rec.out = fn(rec.out)
         self._records[rec.key] = rec
         return rec
 
@@ -520,7 +549,8 @@ class TorchExecutor:
             if not (u0 < end or u0 == u1 == end == n):
                 break
             if rec.saved is not None and u0 not in rec.saved:
-                rec.saved[u0] = (x.detach() if isinstance(x, torch.Tensor) else x, self._rng_state())
+                kept = self._ungathered.pop(u0, x)
+                rec.saved[u0] = (kept.detach() if isinstance(kept, torch.Tensor) else kept, self._rng_state())
             x = fn(x)
             pos = u1
             k += 1
@@ -649,20 +679,43 @@ class TorchExecutor:
         rec = self._active
         if rec is None:
             return None
-        pending = self._pending_grad.pop(i, None)
-        if pending is not None:  # the program reduced it already (its backward op ended on a parameter)
-            return self._reduce_tensor(*pending, grad)
-        if i <= rec.seg[0]:  # the bottom of the record: fixed on the input's gradient afterwards
-            self._partial[i] = grad.detach().clone()
+        if i <= rec.seg[0] and ("all_reduce", i) not in self._pending_grad:
+            # the bottom of the record: fixed on the input's gradient afterwards
+            self._partial[("all_reduce", i)] = grad.detach().clone()
             return None
-        target = self._target
-        if target is None or target[1] is not rec or target[0].segment[0] != i or not self._ready(
+        return self._grad_collective(("all_reduce", i), i, grad)
+
+    def _seq_grad(self, key, shape, grad: torch.Tensor) -> torch.Tensor:
+        """Sequence parallelism: the gradient at a reduce-scatter's output (``key`` is
+        ``("all_gather", i)``, after row layer ``i``) or at an all-gather's (``("reduce_scatter",
+        i)``, column group ``i``'s input) is complete; the program's collective makes the
+        gradient of the other side (of ``shape``). At a record's bottom the program asks for it
+        after the backward: zeros flow on, and the result is added to the input's gradient then."""
+        rec = self._active
+        cut = key[1] + 1 if key[0] == "all_gather" else key[1]
+        if rec is None:
+            raise RuntimeError(f"rank {self.rank}: a gradient at tensor-parallel layer {key[1]} outside a backward")
+        if cut <= rec.seg[0] and key not in self._pending_grad:
+            self._partial[key] = grad.detach().clone()
+            return grad.new_zeros(shape)
+        return self._grad_collective(key, cut, grad)
+
+    def _grad_collective(self, key, cut: int, grad: torch.Tensor) -> torch.Tensor:
+        """The program's backward reaches ``cut``, where ``grad`` is complete: its collective
+        ``key`` there works on it (done now if the program asked for it already)."""
+        pending = self._pending_grad.pop(key, None)
+        if pending is None and self._later[key]:
+            pending = self._later[key].popleft()
+        if pending is not None:  # the program asked already (its backward op ended on a parameter, or
+            return self._group_op(*pending, grad)  # the gradient is the top one of this backward)
+        rec, target = self._active, self._target
+        if target is None or target[1] is not rec or target[0].segment[0] != cut or not self._ready(
                 rec, target[0].segment):
-            raise RuntimeError(f"rank {self.rank}: the input gradient of tensor-parallel layer {i} was complete "
+            raise RuntimeError(f"rank {self.rank}: the gradient at tensor-parallel layer {key[1]} was complete "
                                "before the program's backward reached it")
         self._target = None
         self._backward_span(target[0], target[2])
-        self._grad_at = [i, grad]
+        self._grad_at = [key, grad]
         self._value = True
         self._drive("backward")
         out = self._grad_at[1]
@@ -691,6 +744,9 @@ class TorchExecutor:
         return tensor.layers, tensor.elements
 
     def _flat(self, tensor, which: str) -> torch.Tensor:
+        if tensor.only:
+            raise ValueError(f"realrun moves the scattered layers of {tensor.name} (TensorRef.only) with "
+                             "all_reduce or broadcast only")
         a, b = self.state.span(tensor.layers, tensor.elements)
         return (self.state.grads if which == "grads" else self.state.params)[a:b]
 
@@ -800,13 +856,20 @@ class TorchExecutor:
         elif role in ("grads", "params"):
             if op.op not in ("all_reduce", "broadcast"):
                 raise ValueError(f"realrun does not run {op.op} of {role}")
-            buf = self._flat(op.tensor, role)
             scale = self._weight(role, group) if op.op == "all_reduce" else 1.0
+            flat = self.state.grads if role == "grads" else self.state.params
+            spans = [self.state.span((i, i + 1), None) for i in op.tensor.only] if op.tensor.only else None
+            buf = torch.cat([flat[a:b] for a, b in spans]) if spans else self._flat(op.tensor, role)
 
             def task():
                 if scale != 1.0:
                     buf.mul_(scale)
                 t0, t1 = comm.collective(op.op, op.algorithm, group, buf, op.root, node_of)
+                if spans:  # back into the layers' places
+                    at = 0
+                    for a, b in spans:
+                        flat[a:b].copy_(buf[at:at + b - a])
+                        at += b - a
                 self._comm_span(name, t0, t1, it)
         elif role == "payload":
             entry = self._enc.get(self._key(op.tensor))
@@ -858,45 +921,67 @@ class TorchExecutor:
         return None
 
     def _activation_collective(self, op: Collective, group):
-        """Tensor parallelism: an all-reduce of an activation (``activations``: the output of
-        layer ``layers[0]``, at the cut after it) or of a column group's input gradient
-        (``activation_grads``: the input of layer ``layers[0]``). It works on the tensor at the cut:
-        in a layer hook, or the record's output between pipeline units; a gradient whose hook
-        has not come yet is reduced when it comes (nothing else can use it before)."""
-        if op.op != "all_reduce":
-            raise ValueError(f"realrun runs tensor-parallel activations with all_reduce, not {op.op} "
-                             "(sequence parallelism is not run yet)")
+        """Tensor parallelism. ``activations``: an all-reduce (or, with sequence parallelism, a
+        reduce-scatter) of the output of layer ``layers[0]``, at the cut after it, or an
+        all-gather of the input of column group ``layers[0]``, at the cut before it.
+        ``activation_grads``: the collective of the gradient there (all-reduce or
+        reduce-scatter of a column group's input gradient, all-gather of a row layer's output
+        gradient). It works on the tensor at the cut: in a layer hook, or the record's output
+        between pipeline units; a gradient whose hook has not come yet is done when it comes
+        (nothing else can use it before)."""
+        if op.op not in ("all_reduce", "reduce_scatter", "all_gather"):
+            raise ValueError(f"realrun runs tensor-parallel activations with all_reduce, reduce_scatter or "
+                             f"all_gather, not {op.op}")
         i = op.tensor.layers[0] if op.tensor.layers else -1
+        gather = op.op == "all_gather"
         if op.tensor.role == "activations":
-            if self._cut is not None and self._cut[0] == i + 1:
-                self._cut[1] = self._reduce_activation(op, group, self._cut[1])
+            cut = i if gather else i + 1
+            if op.op == "all_reduce":
+                fn = partial(self._reduce_activation, op, group)
+            else:  # its backward is the program's collective of the gradient there, the other of the pair
+                fn = partial(self._seq_activation, op, group, ("reduce_scatter" if gather else "all_gather", i))
+            if self._cut is not None and self._cut[0] == cut:
+                if gather and self._fwd is not None and self._fwd.saved is not None and cut in self._unit_starts:
+                    self._ungathered[cut] = self._cut[1]  # a recompute of the unit gathers it again
+                self._cut[1] = fn(self._cut[1])
                 return None
             rec = self._open
-            if rec is None or rec.seg[1] != i + 1:
-                raise RuntimeError(f"rank {self.rank}: all_reduce of the output of layer {i}, but no forward "
-                                   "has just ended after that layer")
-            rec.out = self._reduce_activation(op, group, rec.out)
+            if rec is None or rec.seg[1] != cut:  # the input of the forward that begins here
+                self._at_start.setdefault(cut, []).append(fn)
+                return None
+            rec.out = fn(rec.out)
             if rec.root is not None and rec.seg[1] < self.state.num_layers:
                 rec.root = rec.out
             if rec.seg[1] in self._last_out:
                 self._last_out[rec.seg[1]] = rec.out.detach()
             return None
-        if self._grad_at is not None and self._grad_at[0] == i:
-            self._grad_at[1] = self._reduce_tensor(op, group, self._grad_at[1])
+        key = (op.op, i)
+        cut = i + 1 if gather else i
+        if self._grad_at is not None and self._grad_at[0] == key:
+            self._grad_at[1] = self._group_op(op, group, self._grad_at[1])
             return None
         rec = self._active
-        if rec is not None and i > rec.seg[0]:  # its gradient is still to come in this backward
-            self._pending_grad[i] = (op, group)
+        if rec is not None and cut > rec.seg[0]:  # its gradient is still to come in this backward
+            self._pending_grad[key] = (op, group)
             return None
-        part = self._partial.pop(i, None)
+        part = self._partial.pop(key, None)
+        if part is None and gather:
+            # a row layer's output gradient, at the top of a backward still to come (a stage's, or a
+            # recomputed unit's): done when that backward reaches it
+            self._later[key].append((op, group))
+            return None
         if part is None:  # no gradient flows there (the model's input): the bytes move all the same
-            self._reduce_tensor(op, group, torch.zeros(max(1, int(op.tensor.nbytes) // 4)))
+            buf = torch.zeros(max(len(group), int(op.tensor.nbytes) // 4 // len(group) * len(group)))
+            self._sync_collective(op.op, op.algorithm, group, buf, f"{op.op}:{op.tensor.name}")
             return None
         at, grad = self._in_grad
-        if at != i or grad is None:
-            raise RuntimeError(f"rank {self.rank}: all_reduce of the input gradient of layer {i}, whose backward "
+        if at != cut or grad is None:
+            raise RuntimeError(f"rank {self.rank}: {op.op} of the gradient at layer {cut}, whose backward "
                                "was not the last one to end")
-        grad.add_(self._reduce_tensor(op, group, part) - part)
+        if op.op == "all_reduce":  # this rank's part flowed on already
+            grad.add_(self._reduce_tensor(op, group, part) - part)
+        else:  # zeros flowed on
+            grad.add_(self._group_op(op, group, part))
         return None
 
     def _reduce_tensor(self, op: Collective, group, tensor: torch.Tensor) -> torch.Tensor:
@@ -908,10 +993,44 @@ class TorchExecutor:
         value = self._reduce_tensor(op, group, tensor)
         return _Replace.apply(tensor, value) if tensor.requires_grad else value
 
+    def _seq_activation(self, op: Collective, group, key, tensor: torch.Tensor) -> torch.Tensor:
+        back = partial(self._seq_grad, key, tensor.shape)
+        return _Through.apply(tensor, partial(self._group_op, op, group), back)
+
+    def _group_op(self, op: Collective, group, tensor: torch.Tensor) -> torch.Tensor:
+        """``op`` over ``group`` on a batch-first tensor: an all-reduce, or a reduce-scatter /
+        all-gather along the sequence (dimension 1), rank ``r`` of the group keeping slice ``r``."""
+        if op.op == "all_reduce":
+            return self._reduce_tensor(op, group, tensor)
+        t, me = len(group), group.index(self.rank)
+        name = f"{op.op}:{op.tensor.name}"
+        if tensor.dim() < 2:
+            raise ValueError(f"realrun: sequence parallelism needs batch-first activations (batch, sequence, ...), "
+                             f"got shape {tuple(tensor.shape)} at {op.tensor.name}")
+        seq_first = tensor.detach().transpose(0, 1)  # slices of the sequence are then contiguous
+        if op.op == "reduce_scatter":
+            s = seq_first.shape[0]
+            if s % t:
+                raise ValueError(f"realrun: sequence parallelism splits the sequence of {s} tokens {t} ways; "
+                                 f"choose seq_len divisible by tp={t}")
+            buf = seq_first.contiguous().view(-1).clone()
+            self._sync_collective("reduce_scatter", op.algorithm, group, buf, name)
+            part = torch.tensor_split(buf, t)[me].view(s // t, *seq_first.shape[1:])
+            return part.transpose(0, 1).contiguous()
+        part = seq_first.contiguous().view(-1)
+        buf = torch.zeros(part.numel() * t, dtype=part.dtype, device=part.device)
+        buf[me * part.numel():(me + 1) * part.numel()] = part
+        self._sync_collective("all_gather", op.algorithm, group, buf, name)
+        return buf.view(t * seq_first.shape[0], *seq_first.shape[1:]).transpose(0, 1).contiguous()
+
     def _weight(self, role: str, group) -> float:
         job = self.job
-        if role == "grads":
-            sizes = [job.samples(r) for r in group]
+        if role == "grads":  # a mean over the batches the group's ranks train on
+            shard_of = getattr(self.strategy, "data_shard", None)
+            if callable(shard_of):  # ranks on one batch (a tensor-parallel group) hold parts of one sum
+                sizes = list({shard_of(job, r): job.samples(r) for r in group}.values())
+            else:
+                sizes = [job.samples(r) for r in group]
             return job.samples(self.rank) / sum(sizes) if sum(sizes) else 1.0 / len(group)
         weight = getattr(self.strategy, "weight", None)
         return float(weight(job, self.rank)) if callable(weight) else 1.0 / len(group)

@@ -92,11 +92,6 @@ def run(experiment, *, launcher=None, backend: str = "gloo", device: str = "cpu"
         if module == "__main__":
             raise ValueError(f"the {what} is defined in the script being run (__main__), where the ranks' "
                              "processes cannot import it; define it in a module of its own and import it")
-    strategy = experiment.strategy
-    if getattr(strategy, "sequence_parallel", False) and getattr(strategy, "tp", 1) > 1:
-        raise ValueError(f"{type(strategy).__name__}.sequence_parallel=True: realrun does not run sequence "
-                         "parallelism yet (the replicated layers would run on a slice of the tokens); use "
-                         "sequence_parallel=False, or simulate it")
     launcher = Local() if launcher is None else launcher
     if not isinstance(launcher, Local | EmulatedCluster | Torchrun):
         raise ValueError(f"launcher must be realrun.Local(), EmulatedCluster() or Torchrun(), got {launcher!r}")

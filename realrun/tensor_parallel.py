@@ -80,14 +80,20 @@ def _set(module: nn.Module, path: str, new: nn.Module) -> None:
     setattr(module.get_submodule(parent) if parent else module, leaf, new)
 
 
-def shard_module(module: nn.Module, names, roles, t: int, r: int) -> list[int]:
+def shard_module(module: nn.Module, names, roles, t: int, r: int, *, sequence_parallel: bool = False) -> list[int]:
     """Cut ``module`` in place to rank ``r``'s share of a ``t``-way tensor-parallel group.
 
     ``names`` and ``roles`` are the workload's layers and their tensor-parallel roles.
     Returns the parameter elements each layer owns afterwards (the first layer that uses a
-    tied weight owns it)."""
+    tied weight owns it). With ``sequence_parallel`` every submodule with a
+    ``sequence_shard`` attribute (the zoo's token embedding, which adds position
+    embeddings) is told it sees slice ``r`` of ``t`` of the sequence."""
     if not 0 <= r < t:
         raise ValueError(f"tensor-parallel rank must be in [0, {t}), got {r}")
+    if sequence_parallel:
+        for sub in module.modules():
+            if hasattr(sub, "sequence_shard"):
+                sub.sequence_shard = (r, t)
     new_of: dict[int, nn.Parameter] = {}  # id of an original parameter -> its slice
     originals: list[nn.Parameter] = []  # kept alive, so their ids stay theirs
 

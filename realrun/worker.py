@@ -68,7 +68,8 @@ def run_rank(spec: dict, rank: int, world: int, folder: Path, *, local_rank: int
         from realrun.tensor_parallel import shard_module
 
         names = [layer.name for layer in exp.workload.layers]
-        owned = shard_module(module, names, job.layer_tp, len(tp_group), tp_group.index(rank))
+        owned = shard_module(module, names, job.layer_tp, len(tp_group), tp_group.index(rank),
+                             sequence_parallel=bool(getattr(exp.strategy, "sequence_parallel", False)))
     state = ModelState(module, exp.workload, device, owned)
     data = Data(module, exp.seed, device, spec.get("data"), spec.get("loss"))
     programs = exp.strategy.programs(job)

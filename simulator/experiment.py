@@ -194,6 +194,7 @@ class Experiment:
             layer_tp=self.workload.tp_roles,
             layer_inputs=tuple(layer.input_elems for layer in layers),
             layer_outputs=tuple(layer.output_elems for layer in layers),
+            layer_tied=self.workload.tied,
             layer_costs=self._layer_costs(cluster, sizes[0]),
         )
 

@@ -87,6 +87,11 @@ class Layer:
     param_shapes: tuple[tuple[int, ...], ...] = ()
     """Shapes of the parameter tensors the layer owns (empty: not known). Their elements add
     up to ``params``; compressors that work on matrices (PowerSGD) need them."""
+    tied_to: str = ""
+    """Name of the earlier layer whose parameters this layer uses too (a tied output head uses
+    the word embedding's weight); empty: none. A pipeline that puts the two on different
+    stages keeps a copy on this layer's stage and sums their gradients (Megatron's
+    embedding all-reduce)."""
     tp_role: str = ""
     """How tensor parallelism splits the layer: ``column``, ``row``, ``inner``, ``vocab``,
     ``head`` or ``replicated`` (see :mod:`strategies.tensor_parallel`); empty: inferred from
@@ -110,6 +115,8 @@ class Layer:
             if value is not None:
                 object.__setattr__(self, name, _check_number("Layer", name, value))
         object.__setattr__(self, "param_shapes", _check_shapes(self))
+        if not isinstance(self.tied_to, str) or self.tied_to == self.name:
+            raise ValueError(f"Layer.tied_to must be the name of another layer or '', got {self.tied_to!r}")
         from strategies.tensor_parallel import TP_ROLES
 
         if self.tp_role != "" and self.tp_role not in TP_ROLES:
@@ -155,6 +162,9 @@ class Workload:
                 raise ValueError(f"Workload.layers must contain only Layer, got {layer!r}")
             if layer.name in seen:
                 raise ValueError(f"Workload.layers names must be unique, got {layer.name!r} twice")
+            if layer.tied_to and layer.tied_to not in seen:
+                raise ValueError(f"Layer {layer.name!r}: tied_to={layer.tied_to!r} must name an earlier layer of the "
+                                 "workload (the first to use the shared parameters owns them)")
             seen.add(layer.name)
         object.__setattr__(self, "layers", layers)
         shape = self.sample_shape
@@ -164,6 +174,12 @@ class Workload:
         for dim in shape:
             _check_number("Workload", "sample_shape[i]", dim, integral=True)
         object.__setattr__(self, "sample_shape", tuple(int(d) for d in shape))
+
+    @property
+    def tied(self) -> tuple[int, ...]:
+        """Each layer's ``tied_to`` as a layer index (-1: none)."""
+        index = {x.name: i for i, x in enumerate(self.layers)}
+        return tuple(index[x.tied_to] if x.tied_to else -1 for x in self.layers)
 
     @property
     def params(self) -> int:
@@ -314,7 +330,7 @@ class Workload:
             Layer(name=s.name, kind=s.kind, params=s.params,
                   fwd_flops=s.fwd_flops / batch_size, bwd_flops=s.bwd_flops / batch_size,
                   input_elems=s.input_elems / batch_size, output_elems=s.output_elems / batch_size,
-                  kernels=s.kernels, param_shapes=s.shapes)
+                  kernels=s.kernels, param_shapes=s.shapes, tied_to=s.tied_to)
             for s in stats
         )
         return cls(name=name, layers=layers, sample_shape=sample_shape)
@@ -364,6 +380,7 @@ class _Stat:
     params: int = 0
     shapes: tuple = ()
     computes: bool = False
+    tied_to: str = ""
 
 
 # Ops that launch no kernel (views, aliases, allocation without a fill).
@@ -501,14 +518,18 @@ def _trace(module: Any, args: tuple, *, on_meta: bool) -> list[_Stat]:
 
     # Parameters: each tensor counted once, by the first layer in forward order
     # that owns it; modules never called come last, in definition order.
-    counted: set[int] = set()
+    counted: dict[int, str] = {}  # parameter id -> the layer that owns it
     layers = []
     for path in list(stats) + [p for p in paths.values() if p not in stats]:
         own = list(module.get_submodule(path).parameters(recurse=False))
         s = stat(path)
         s.params = sum(p.numel() for p in own if id(p) not in counted)
         s.shapes = tuple(tuple(p.shape) for p in own if id(p) not in counted)
-        counted.update(id(p) for p in own)
+        owners = {counted[id(p)] for p in own if id(p) in counted}
+        if owners:
+            s.tied_to = min(owners, key=lambda name: next(i for i, x in enumerate(layers) if x.name == name))
+        for p in own:
+            counted.setdefault(id(p), s.name)
         if own or s.computes:
             layers.append(s)
     return layers

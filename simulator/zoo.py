@@ -306,11 +306,23 @@ class TokenEmbedding(nn.Module):
         self.wtt = nn.Embedding(type_vocab, cfg.d_model) if type_vocab else None
         self.ln = nn.LayerNorm(cfg.d_model, eps=1e-12) if norm else None
         self.drop = nn.Dropout(dropout)
+        self.sequence_shard: tuple[int, int] | None = None
+        """``(r, t)`` under sequence parallelism: the word embeddings may come back as the
+        ``r``-th of ``t`` equal slices of the sequence (reduce-scattered across the group), and
+        the position embeddings then follow that slice."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
+        x = self.wte(idx)
+        n = x.shape[1]
+        first = 0
+        if n != idx.shape[1]:
+            if self.sequence_shard is None or n * self.sequence_shard[1] != idx.shape[1]:
+                raise ValueError(f"TokenEmbedding: word embeddings of {n} tokens for {idx.shape[1]} token ids, "
+                                 f"and sequence_shard={self.sequence_shard} does not say which slice they are")
+            first = self.sequence_shard[0] * n
+        x = x + self.wpe(torch.arange(first, first + n, device=idx.device))
         if self.wtt is not None:  # every token is segment 0
-            x = x + self.wtt(torch.zeros_like(idx))
+            x = x + self.wtt(torch.zeros(x.shape[:2], dtype=idx.dtype, device=idx.device))
         if self.ln is not None:
             x = self.ln(x)
         return self.drop(x)

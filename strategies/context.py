@@ -49,6 +49,9 @@ class Job:
     layer_outputs: tuple[float, ...] | None = None
     """Activation elements each layer produces per sample (what crosses a pipeline cut after it);
     ``None``: not known (0)."""
+    layer_tied: tuple[int, ...] | None = None
+    """For each layer, the index of the earlier layer whose parameters it uses too (a tied
+    output head's word embedding), or -1; ``None``: no ties."""
     layer_costs: tuple[float, ...] | None = None
     """Relative compute cost of each layer (forward plus backward seconds per sample on the
     first GPU), what pipeline stages are balanced by; ``None``: balance by parameters."""
@@ -83,7 +86,8 @@ class Job:
                                ("layer_outputs", (0.0,) * n)):
             if getattr(self, field) is None:
                 object.__setattr__(self, field, default)
-        for field in ("layer_shapes", "layer_names", "layer_tp", "layer_inputs", "layer_outputs", "layer_costs"):
+        for field in ("layer_shapes", "layer_names", "layer_tp", "layer_inputs", "layer_outputs", "layer_costs",
+                      "layer_tied"):
             value = getattr(self, field)
             if value is not None and len(value) != len(self.layer_params):
                 raise ValueError(

@@ -110,7 +110,9 @@ class Hybrid:
     """ZeRO stage for the data-parallel part: 0 (plain all-reduce), 1, 2 or 3."""
     sequence_parallel: bool = False
     """Split the replicated layers' tokens across the tensor-parallel group (reduce-scatter /
-    all-gather instead of all-reduce)."""
+    all-gather instead of all-reduce), from the word embedding on (it must be the first split
+    layer); the replicated layers' gradients, each rank's a sum over its tokens, are summed
+    over the group once per iteration (with ZeRO, before each bucket's reduce-scatter)."""
     recompute: bool = False
     """Full activation recomputation: keep only each checkpoint unit's input (a transformer
     layer's; :func:`strategies.pipeline.checkpoint_units`) and re-run the unit's forward, its
@@ -204,6 +206,8 @@ class Hybrid:
                 raise ValueError(f"{owner}.tp={tp}, but no layer of this workload splits across tensor-parallel "
                                  "ranks (every tp_role is replicated); set Layer.tp_role or use tp=1")
             check_divisible(names, roles, job.layer_shapes or ((),) * job.num_layers, tp, owner)
+            if self.sequence_parallel:
+                _check_sequence_split(names, roles, job.layer_params, owner)
         # placement
         strides, size = {}, 1
         for axis in self.order.split("-"):
@@ -265,6 +269,8 @@ class Hybrid:
         roles = job.layer_tp
         chunks = [(lay.bounds[c * lay.pp + s], lay.bounds[c * lay.pp + s + 1]) for c in range(lay.v)]
         local = sum(local_params(job.layer_params[i], roles[i], lay.tp) for a, b in chunks for i in range(a, b))
+        # a copy of parameters tied to another stage's: whole gradients and optimizer state
+        copy = sum(local_params(job.layer_params[j], roles[j], lay.tp) for j, _ in _ties(job, lay, rank)[0])
         dp = lay.dp
         zero = self.zero if dp > 1 else 0
         e = DTYPE_BYTES[job.param_dtype]
@@ -278,9 +284,9 @@ class Hybrid:
             for _, z in chunks:
                 buffers += 2 * self._boundary_elems(job, lay, z) * lay.micro * e
         return Residency(
-            params=local / dp if zero == 3 else local,
-            grads=local / dp if zero >= 2 else local,
-            optimizer=local / dp if zero >= 1 else local,
+            params=(local / dp if zero == 3 else local) + copy,
+            grads=(local / dp if zero >= 2 else local) + copy,
+            optimizer=(local / dp if zero >= 1 else local) + copy,
             **self._activations(job, lay, s, chunks),
             buffers=buffers,
             tp=lay.tp,
@@ -366,8 +372,15 @@ class Hybrid:
                     # the micro-batch whose backward is the chunk's last in the schedule
                     last_b=[k for kind, k, cc in lay.passes[s] if kind == "B" and cc == c][-1],
                     units=checkpoint_units(names, a, b) if self.recompute else [],
+                    # replicated layers with parameters run on a slice of the tokens: their
+                    # gradients are partial sums over the group's slices
+                    sp_grads=tuple(i for i in range(a, b) if roles[i] == "replicated" and job.layer_params[i])
+                    if sp and tp_group else (),
                 )
-            return dict(s=s, tp_group=tp_group, dp_group=dp_group, chunks=chunks)
+            copies, owned = _ties(job, lay, rank)
+            for c in range(v):  # tied parameters this rank owns, summed with their copy's
+                chunks[c]["tied"] = tuple((j, g) for j, g in owned if chunks[c]["seg"][0] <= j < chunks[c]["seg"][1])
+            return dict(s=s, tp_group=tp_group, dp_group=dp_group, chunks=chunks, copies=copies)
 
         def tp_collective(ctx, op: str, elems: float, i: int, tp_group, tag: str):
             tensor = TensorRef(f"{tag}[{i}]", elems * micro * e, "activations" if tag[0] == "a" else "activation_grads",
@@ -385,12 +398,33 @@ class Hybrid:
             dp = len(dp_group)
             reduce_op = "all_reduce" if zero == 0 else "reduce_scatter"
 
-            def grad_sync(bucket):
-                tensor = TensorRef(f"grads[{bucket.layers[0]}:{bucket.layers[1]}]", bucket.nbytes, "grads",
-                                   bucket.layers)
+            def sequence_grads(layers):
+                """Sum the sequence-parallel layers' gradients over the tensor-parallel group, in
+                one buffer (Megatron all-reduces its layer norms' gradients so)."""
+                if layers:
+                    nbytes = sum(job.layer_params[i] for i in layers) * e
+                    yield ctx.all_reduce(TensorRef(f"sp_grads[{layers[0]}:{layers[-1] + 1}]", nbytes, "grads",
+                                                   (layers[0], layers[-1] + 1), only=layers),
+                                         algorithm=algorithm, group=tp_group)
+
+            def tied_grads(j, group):
+                """Sum a tied parameter's gradients over the stages that use it (Megatron's
+                embedding all-reduce): the owner's and the copy's."""
+                nbytes = local_params(job.layer_params[j], roles[j], lay.tp) * e
+                yield ctx.all_reduce(TensorRef(f"tied[{j}]", nbytes, "grads", (j, j + 1)), algorithm=algorithm,
+                                     group=group)
+
+            def grad_sync(ch, bucket):
+                x, y = bucket.layers
+                if zero:  # the gradients are partitioned next: sum the sequence-parallel ones first
+                    yield from sequence_grads(tuple(i for i in ch["sp_grads"] if x <= i < y))
+                for j, group in ch["tied"]:  # and the tied ones, before the data-parallel mean
+                    if x <= j < y:
+                        yield from tied_grads(j, group)
+                tensor = TensorRef(f"grads[{x}:{y}]", bucket.nbytes, "grads", bucket.layers)
                 if reduce_op == "all_reduce":
-                    return ctx.all_reduce(tensor, algorithm=algorithm, group=dp_group, async_op=True)
-                return ctx.reduce_scatter(tensor, algorithm=gather_algo, group=dp_group, async_op=True)
+                    return (yield ctx.all_reduce(tensor, algorithm=algorithm, group=dp_group, async_op=True))
+                return (yield ctx.reduce_scatter(tensor, algorithm=gather_algo, group=dp_group, async_op=True))
 
             def gather(bucket):
                 tensor = TensorRef(f"params[{bucket.layers[0]}:{bucket.layers[1]}]", bucket.nbytes, "params",
@@ -446,7 +480,7 @@ class Hybrid:
                     pending[b] = yield gather(ends[b])
                 for y, x in zip(cuts, cuts[1:]):  # backward of [x, y)
                     if y in starts and y < b:
-                        handles.append((yield grad_sync(starts[y])))
+                        handles.append((yield from grad_sync(ch, starts[y])))
                     for op, elems, i, tag in events.get(y, ()):
                         yield tp_collective(ctx, op, elems, i, tp_group, tag)
                     if zero == 3 and y in ends:
@@ -458,7 +492,7 @@ class Hybrid:
                         yield from forward(ch, k, (units[y], y), recompute=True)
                     yield ctx.backward((x, y), samples=micro, micro_batch=k, tp_group=tp_group, sequence_parallel=sp)
                 if a in starts:
-                    handles.append((yield grad_sync(starts[a])))
+                    handles.append((yield from grad_sync(ch, starts[a])))
                 for op, elems, i, tag in events.get(a, ()):
                     yield tp_collective(ctx, op, elems, i, tp_group, tag)
 
@@ -488,8 +522,23 @@ class Hybrid:
                                                          tag=((j - 1) * m + k) * 2 + 1, async_op=True)))
                 for handle in handles:
                     yield ctx.wait(handle)
+                if not zero:  # once per iteration, after the data-parallel sum (which it commutes with)
+                    for c in range(v):
+                        yield from sequence_grads(chunks[c]["sp_grads"])
+                if dp == 1:  # no data-parallel reduction to go before
+                    for c in range(v):
+                        for j, group in chunks[c]["tied"]:
+                            yield from tied_grads(j, group)
+                for j, group in me["copies"]:  # the copy: summed with the owner's, then averaged over replicas
+                    yield from tied_grads(j, group)
+                    if dp > 1:
+                        nbytes = local_params(job.layer_params[j], roles[j], lay.tp) * e
+                        yield ctx.all_reduce(TensorRef(f"grads[{j}:{j + 1}]", nbytes, "grads", (j, j + 1)),
+                                             algorithm=algorithm, group=dp_group)
                 for c in range(v):
                     yield ctx.optimizer_step(chunks[c]["seg"], fraction=chunks[c]["fraction"])
+                for j, _ in me["copies"]:
+                    yield ctx.optimizer_step((j, j + 1), fraction=local_params(1.0, roles[j], lay.tp))
                 if dp > 1 and zero in (1, 2):
                     gathers = []
                     for c in range(v):
@@ -522,6 +571,51 @@ class Hybrid:
         if self.boundaries is not None:
             d["boundaries"] = list(self.boundaries)
         return d
+
+
+def _ties(job: Job, lay: _Layout, rank: int) -> tuple[list, list]:
+    """Layers whose parameters are shared across pipeline stages (a tied embedding and output
+    head), for ``rank``: ``(copies, owned)``, each a list of ``(j, group)`` where ``j`` owns the
+    parameters and ``group`` is the owner's rank and the user's (same tensor-parallel and
+    data-parallel coordinates). ``copies``: this rank keeps a copy of ``j``'s parameters for a
+    layer of its own; ``owned``: it owns ``j`` and another stage uses it."""
+    tied = job.layer_tied
+    copies, owned = [], []
+    if not tied or lay.pp == 1:
+        return copies, owned
+    t, s, d = lay.coords[rank]
+    bounds = lay.bounds
+
+    def stage(x: int) -> int:
+        return next(k for k in range(len(bounds) - 1) if bounds[k] <= x < bounds[k + 1]) % lay.pp
+
+    for i, j in enumerate(tied):
+        if j < 0 or not job.layer_params[j]:
+            continue
+        si, sj = stage(i), stage(j)
+        if si == sj:
+            continue
+        group = tuple(sorted((lay.rank_of[(t, sj, d)], lay.rank_of[(t, si, d)])))
+        for mine, where in ((copies, si), (owned, sj)):
+            if s == where and (j, group) not in mine:
+                mine.append((j, group))
+    return copies, owned
+
+
+def _check_sequence_split(names, roles, params, owner: str) -> None:
+    """Sequence parallelism splits the tokens where the word embedding's partial sums are
+    reduce-scattered: the first split layer must be a vocabulary embedding, and no replicated
+    layer with parameters may run before it (it would see the whole sequence)."""
+    first = next((i for i, r in enumerate(roles) if r != "replicated"), None)
+    if first is None or roles[first] != "vocab":
+        where = "none" if first is None else f"{names[first]!r} ({roles[first]})"
+        raise ValueError(f"{owner}.sequence_parallel=True needs a vocabulary-parallel word embedding as the first "
+                         f"tensor-parallel layer (its reduce-scatter splits the tokens), got {where}; "
+                         "use sequence_parallel=False")
+    before = [names[i] for i in range(first) if params[i]]
+    if before:
+        raise ValueError(f"{owner}.sequence_parallel=True: layers {before} have parameters and run before the "
+                         f"word embedding {names[first]!r} splits the tokens; use sequence_parallel=False")
 
 
 def _cuts_allowed(roles) -> list[bool]:

@@ -55,6 +55,11 @@ class TensorRef:
     elements: tuple[int, int] | None = None
     """Half-open range of elements of the model's flattened parameters (all
     layers, forward order) the tensor holds, when it is a slice of them."""
+    only: tuple[int, ...] | None = None
+    """The layers, in increasing order, whose parameters (or gradients) the tensor holds
+    when they are not a range: one coalesced buffer of scattered layers (Megatron's
+    all-reduce of the layer norms' gradients under sequence parallelism, or of a tied
+    embedding's across pipeline stages)."""
 
     def __post_init__(self) -> None:
         if not self.nbytes >= 0:
@@ -63,6 +68,14 @@ class TensorRef:
             raise ValueError(f"TensorRef.elements must be a range (start <= stop), got {self.elements!r}")
         if self.role not in TENSOR_ROLES:
             raise ValueError(f"TensorRef.role must be one of {TENSOR_ROLES}, got {self.role!r}")
+        if self.only is not None:
+            only = tuple(self.only)
+            if not only or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in only) or list(
+                    only) != sorted(set(only)):
+                raise ValueError(f"TensorRef.only must be increasing layer indices >= 0, got {self.only!r}")
+            if self.elements is not None:
+                raise ValueError("TensorRef.only and TensorRef.elements cannot both be given")
+            object.__setattr__(self, "only", only)
 
     @property
     def num_elements(self) -> int | None:

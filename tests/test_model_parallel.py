@@ -11,6 +11,7 @@ memory per device ((2 + 2 + K)·Ψ, (2 + 2 + K/N)·Ψ, (2 + (2 + K)/N)·Ψ,
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -174,12 +175,88 @@ def test_tensor_parallel_adds_the_megatron_collectives(gpt_small, sp):
         assert forward.sum() == per_layer and backward.sum() == per_layer
     else:  # each all-reduce becomes a reduce-scatter, and each f an all-gather (Korthikanti et al.)
         assert forward.sum() == backward.sum() == 2 * per_layer
-        assert set(kinds) == {"reduce_scatter", "all_gather"}
+        assert set(kinds[forward | backward]) == {"reduce_scatter", "all_gather"}
     # Ring bytes: an all-reduce of N sends 2(t-1)/t·N; a reduce-scatter or all-gather (t-1)/t·N,
-    # so sequence parallelism moves the same bytes.
+    # so sequence parallelism moves the same bytes of activations.
     n = B * S * H * 4  # b·s·h fp32 elements
     expected = (2 * per_layer) * 2 * (T - 1) / T * n
+    if sp:
+        # ... plus one all-reduce per iteration of the gradients of the replicated layers with
+        # parameters (layer norms, position embedding), each rank's being a sum over its tokens only
+        rest = comm[~(forward | backward)]
+        assert list(rest["name"].str.split(":").str[0]) == ["all_reduce"]
+        replicated = [x.params for x, role in zip(gpt_small.layers, gpt_small.tp_roles, strict=True)
+                      if role == "replicated" and x.params]
+        assert len(replicated) == 2 * L + 2  # ln_1, ln_2 per layer, ln_f and the position embedding
+        expected += 2 * (T - 1) / T * sum(replicated) * 4
     assert r.ranks.loc[0, "bytes_sent"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_sequence_parallel_sums_replicated_gradients_before_zero_partitions_them(gpt_small):
+    """Under ZeRO the gradients are reduce-scattered per bucket; the replicated layers' partial
+    gradients must be summed over the tensor-parallel group before that, bucket by bucket, and
+    then not again at the end: the same bytes in total as one all-reduce."""
+    exp = Experiment(workload=gpt_small, cluster=Cluster.homogeneous(nodes=2, gpus_per_node=T), batch_size=B,
+                     iterations=1, strategy=Hybrid(tp=T, zero=1, sequence_parallel=True, bucket_mb=0.05,
+                                                   first_bucket_mb=0.05))
+    tl = simulate(exp).timeline
+    comm = tl[(tl["rank"] == 0) & (tl["stream"] == "comm")].sort_values("start")
+    def span(name, prefix):
+        return tuple(int(v) for v in name[len(prefix):-1].split(":"))
+
+    sp = comm[comm["name"].str.startswith("all_reduce:sp_grads[")]
+    scatters = comm[comm["name"].str.startswith("reduce_scatter:grads[")]
+    assert len(scatters) >= 3 and 2 <= len(sp) <= len(scatters)
+    for _, row in sp.iterrows():  # each before the reduce-scatter of the bucket that holds its layers
+        lo, hi = span(row["name"], "all_reduce:sp_grads[")
+        holder = [r for _, r in scatters.iterrows()
+                  if span(r["name"], "reduce_scatter:grads[")[0] <= lo < hi <= span(r["name"], "reduce_scatter:grads[")[1]]
+        assert len(holder) == 1 and holder[0]["start"] >= row["end"]
+    summed = sum(x.params for x, role in zip(gpt_small.layers, gpt_small.tp_roles, strict=True)
+                 if role == "replicated")
+    plain = simulate(exp.replace(strategy=Hybrid(tp=T, zero=1, sequence_parallel=False, bucket_mb=0.05,
+                                                 first_bucket_mb=0.05)))
+    extra = simulate(exp).ranks.loc[0, "bytes_sent"] - plain.ranks.loc[0, "bytes_sent"]
+    assert extra == pytest.approx(2 * (T - 1) / T * summed * 4, rel=1e-9)
+
+
+def test_sequence_parallel_needs_the_word_embedding_first():
+    def linear(name, role, n=64):
+        return Layer(name=name, kind="Linear", params=n * n, fwd_flops=2 * n * n, bwd_flops=4 * n * n,
+                     input_elems=n, output_elems=n, tp_role=role)
+
+    mlp = Workload(name="mlp", layers=(linear("ln", "replicated"), linear("fc", "column"), linear("proj", "row")))
+    exp = Experiment(workload=mlp, cluster=Cluster.homogeneous(nodes=1, gpus_per_node=2), batch_size=4,
+                     strategy=TensorParallel(tp=2))
+    assert len(simulate(exp).iterations) == exp.iterations * 2  # a row per rank and iteration
+    with pytest.raises(ValueError, match=r"sequence_parallel=True needs a vocabulary-parallel word embedding as "
+                                         r"the first tensor-parallel layer .*got 'fc' \(column\)"):
+        exp.replace(strategy=TensorParallel(tp=2, sequence_parallel=True))
+
+
+def test_a_tied_embedding_across_stages_is_summed_and_kept_on_the_last_stage(gpt_small):
+    """GPT's head uses the word embedding's weight. With the two on different pipeline stages
+    the last stage keeps a copy (parameters, gradients, optimizer state) and the two stages
+    all-reduce their gradients of it once per iteration, Megatron's embedding group."""
+    names = [x.name for x in gpt_small.layers]
+    emb = names.index("embed.wte")
+    assert gpt_small.tied[names.index("lm_head")] == emb
+    exp = Experiment(workload=gpt_small, cluster=Cluster.homogeneous(nodes=1, gpus_per_node=4), batch_size=B,
+                     iterations=2, strategy=PipelineParallel(pp=4, micro_batches=2))
+    r = simulate(exp)
+    tied = r.timeline[r.timeline["name"] == f"all_reduce:tied[{emb}]"]
+    assert sorted(tied["rank"]) == [0, 0, 3, 3]  # first and last stage, each iteration
+    # an all-reduce of N bytes between two ranks sends N from each (2(p-1)/p · N, p = 2)
+    untied = Workload(name="untied", layers=tuple(dataclasses.replace(x, tied_to="") for x in gpt_small.layers))
+    base = simulate(exp.replace(workload=untied))
+    words = gpt_small.layers[emb].params * 4
+    for rank, extra in ((0, words), (1, 0), (2, 0), (3, words)):
+        assert r.ranks.loc[rank, "bytes_sent"] - base.ranks.loc[rank, "bytes_sent"] == pytest.approx(
+            extra * exp.iterations)
+    own = [sum(x.params for x in gpt_small.layers[a:b]) for a, b in exp.strategy.stages(exp.job())]
+    mem = exp.memory()
+    assert [mem.loc[rank, "params"] for rank in range(4)] == pytest.approx(
+        [own[0] * 4, own[1] * 4, own[2] * 4, (own[3] + gpt_small.layers[emb].params) * 4])
 
 
 def test_tensor_parallel_splits_work_and_memory(gpt_small):

@@ -14,6 +14,12 @@ def test_tensor_ref_rejects_bad_fields():
         TensorRef("x", 4, elements=(5, 2))
     assert TensorRef("x", 12, "params", (0, 2), (10, 13)).num_elements == 3
     assert TensorRef("x", 12).num_elements is None
+    for bad in ((3, 1), (), (1, 1), (-1,)):
+        with pytest.raises(ValueError, match=r"TensorRef.only must be increasing layer indices"):
+            TensorRef("x", 4, "grads", (0, 4), only=bad)
+    with pytest.raises(ValueError, match=r"TensorRef.only and TensorRef.elements cannot both be given"):
+        TensorRef("x", 4, "grads", (0, 4), (0, 1), only=(1,))
+    assert TensorRef("x", 4, "grads", (0, 4), only=[1, 3]).only == (1, 3)
 
 
 def test_message_meta_lookup():

@@ -176,22 +176,43 @@ def test_tensor_and_data_parallel_with_zero_and_recompute_equal_one_process(tmp_
         torch.testing.assert_close(final_params(tmp_path, rank), slice_of(model, exp, 2, r), rtol=1e-4, atol=1e-6)
 
 
-def test_tensor_parallel_pipeline_equals_one_process(tmp_path):
+@pytest.mark.parametrize("sp", [False, True])
+def test_tensor_parallel_pipeline_equals_one_process(tmp_path, sp):
     cut = NAMES.index("blocks.1")
-    exp = Experiment(workload=GPT, cluster=cluster(2, 2), batch_size=4, iterations=1,
-                     strategy=Hybrid(tp=2, pp=2, micro_batches=2, boundaries=(cut,)))
-    run(exp, tmp_path)
+    exp = Experiment(workload=GPT, cluster=cluster(2, 2), batch_size=4, iterations=2,
+                     strategy=Hybrid(tp=2, pp=2, micro_batches=2, boundaries=(cut,), sequence_parallel=sp))
+    result = run(exp, tmp_path)
     model, _ = one_process(exp, shards=1, batch=4)
-    n = len(NAMES)
-    # The output head is tied to the word embedding (layer 1). Across pipeline stages the strategy
-    # does not sum the two stages' gradients of it (Megatron's embedding all-reduce), so the first
-    # stage's copy differs from one process's by the head's part (compare from layer 2 on), and the
-    # last stage's head keeps the first iteration's embedding (so one iteration).
-    for rank, r, (a, b) in ((0, 0, (2, cut)), (1, 1, (2, cut)), (2, 0, (cut, n)), (3, 1, (cut, n))):
-        st = sharded(model, exp, 2, r)  # a stage trains its layers; the rest of its buffer is idle
-        o = st.offsets
-        torch.testing.assert_close(final_params(tmp_path, rank)[o[a]:o[b]], st.params[o[a]:o[b]],
-                                   rtol=1e-4, atol=1e-6)
+    check_stages(tmp_path, exp, model, cut)
+    # the output head is tied to the word embedding (layer 1): the two stages sum their gradients of
+    # it each iteration (Megatron's embedding all-reduce), each tensor-parallel rank with its peer
+    tied = result.timeline[result.timeline["name"] == "all_reduce:tied[1]"]
+    assert sorted(tied["rank"]) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def check_stages(folder, exp, model, cut):
+    """Each rank's stage, and the last stage's copy of the tied word embedding, equal one
+    process's training; the rest of a rank's buffer is idle."""
+    n, emb = len(NAMES), NAMES.index("embed.wte")
+    job = exp.job()
+    lay = exp.strategy._layout(job)
+    for rank in range(job.accelerators):
+        t, s, _ = lay.coords[rank]
+        st = sharded(model, exp, lay.tp, t)
+        o, final = st.offsets, final_params(folder, rank)
+        for a, b in [(0, cut)] if s == 0 else [(cut, n), (emb, emb + 1)]:
+            torch.testing.assert_close(final[o[a]:o[b]], st.params[o[a]:o[b]], rtol=1e-4, atol=1e-6)
+
+
+def test_a_tied_embedding_across_stages_with_replicas_and_zero_equals_one_process(tmp_path):
+    """pp=2 × dp=2 with ZeRO-1: the first stage sums the embedding's gradient with the head's
+    before its reduce-scatter; the last stage's copy is summed, averaged over replicas, stepped."""
+    cut = NAMES.index("blocks.1")
+    exp = Experiment(workload=GPT, cluster=cluster(2, 2), batch_size=4, iterations=2,
+                     strategy=Hybrid(pp=2, zero=1, micro_batches=2, boundaries=(cut,)))
+    run(exp, tmp_path)
+    model, _ = one_process(exp, shards=2, batch=4)
+    check_stages(tmp_path, exp, model, cut)
 
 
 def test_recomputation_changes_no_training_even_with_dropout(tmp_path):
@@ -234,11 +255,40 @@ def test_zero3_with_several_buckets_equals_one_process(tmp_path):
     assert gathers == 2 * 2 * len(buckets)  # every bucket gathered before its forward and its backward
 
 
-def test_sequence_parallelism_and_a_stage_cut_inside_a_block_are_refused_clearly(tmp_path):
-    exp = Experiment(workload=GPT, cluster=cluster(1, 2), batch_size=4, iterations=1,
+def test_sequence_parallel_training_equals_one_process(tmp_path):
+    """Korthikanti et al.: the replicated layers run on half of the tokens each. The word
+    embedding's partial sums are reduce-scattered along the sequence, every column group's
+    input is all-gathered and every row layer's output reduce-scattered; the position
+    embedding and layer norms' gradients, sums over a half of the tokens each, are summed
+    over the pair once per iteration."""
+    exp = Experiment(workload=GPT, cluster=cluster(1, 2), batch_size=4, iterations=3,
                      strategy=TensorParallel(tp=2, sequence_parallel=True))
-    with pytest.raises(ValueError, match="sequence_parallel=True: realrun does not run sequence parallelism"):
-        realrun.run(exp)
+    result = run(exp, tmp_path)
+    model, losses = one_process(exp, shards=1, batch=4)
+    for r in (0, 1):
+        torch.testing.assert_close(final_params(tmp_path, r), slice_of(model, exp, 2, r), rtol=1e-4, atol=1e-6)
+    assert result.stats["loss"] == pytest.approx(losses, rel=1e-5)
+    tl = result.timeline[result.timeline["rank"] == 0]
+    kinds = tl.loc[tl["stream"] == "comm", "name"].str.split("[").str[0].value_counts()
+    # per iteration: a reduce-scatter after the embedding and each row layer (1 + 2·2), an
+    # all-gather before each column group (2·2 + the head) in forward; the other of each pair
+    # in backward
+    assert kinds["reduce_scatter:act"] == kinds["all_gather:act"] == 3 * 5
+    assert kinds["all_gather:grad"] == kinds["reduce_scatter:grad"] == 3 * 5
+    assert kinds["all_reduce:sp_grads"] == 3
+    assert "all_reduce:act" not in kinds and "all_reduce:grad" not in kinds
+
+
+def test_sequence_parallel_with_data_parallel_zero_and_recompute_equals_one_process(tmp_path):
+    exp = Experiment(workload=GPT, cluster=cluster(2, 2), batch_size=4, iterations=2,
+                     strategy=Hybrid(tp=2, zero=1, recompute=True, micro_batches=2, sequence_parallel=True))
+    run(exp, tmp_path)
+    model, _ = one_process(exp, shards=2, batch=4)
+    for rank, r in ((0, 0), (1, 1), (2, 0), (3, 1)):
+        torch.testing.assert_close(final_params(tmp_path, rank), slice_of(model, exp, 2, r), rtol=1e-4, atol=1e-6)
+
+
+def test_a_stage_cut_inside_a_block_is_refused_clearly(tmp_path):
     inside = NAMES.index("blocks.0.ln_2")
     exp = Experiment(workload=GPT, cluster=cluster(1, 2), batch_size=4, iterations=1,
                      strategy=PipelineParallel(pp=2, boundaries=(inside,)))
