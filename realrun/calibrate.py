@@ -252,18 +252,22 @@ def measure_device(device: torch.device, *, repeats: int = 10) -> dict:
 
 def fit_alpha_beta(rows) -> tuple[float, float]:
     """Least-squares ``(alpha, beta)`` of ``seconds = messages * alpha + wire_bytes / beta`` over
-    rows of ``(messages, wire_bytes, seconds)`` (alpha clipped at 0)."""
+    rows of ``(messages, wire_bytes, seconds)`` (alpha clipped at 0).
+
+    The squares are of seconds, not of relative errors: the long transfers, which take most of
+    a run's communication time, fix the bandwidth. Weighting rows by ``1/seconds`` let the
+    smallest messages decide it: on a token-bucket-shaped link a 256 KiB all-reduce beat the
+    line rate (the bucket's burst) and a 64 KiB one waited on the scheduler, and the fit came
+    out 9 % above the rate every transfer of 1 MiB and more measured."""
     a = np.array([[m, w] for m, w, _ in rows], dtype=float)
     y = np.array([s for _, _, s in rows], dtype=float)
-    # relative errors matter at every size: weight each row by 1/seconds
-    wts = 1.0 / y
-    coef, *_ = np.linalg.lstsq(a * wts[:, None], y * wts, rcond=None)
+    coef, *_ = np.linalg.lstsq(a, y, rcond=None)
     alpha, inv_beta = float(coef[0]), float(coef[1])
     if inv_beta <= 0:
         raise ValueError(f"link fit gave a non-positive 1/bandwidth ({inv_beta}); the measurements are noise")
     if alpha < 0:  # refit bandwidth alone through the origin
         alpha = 0.0
-        inv_beta = float(np.sum(a[:, 1] * y * wts**2) / np.sum((a[:, 1] * wts) ** 2))
+        inv_beta = float(np.sum(a[:, 1] * y) / np.sum(a[:, 1] ** 2))
     return alpha, 1.0 / inv_beta
 
 

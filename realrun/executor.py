@@ -429,9 +429,11 @@ class TorchExecutor:
         lo = op.micro_batch * op.samples
         if op.cancel_on and any(h.is_completed() for h in op.cancel_on):
             return False
+        begun = self.now()  # a forward's span includes making its input (the data, for the first layer)
         rec = self._open if self._continues(op, self._open) else self._new_record(op, size, lo)
         self._open = None
         self._extend(rec, op)
+        rec.start = begun
         self._fwd = rec
         self._cancel = op.cancel_on
         self._f_views = {}

@@ -122,6 +122,19 @@ def test_alpha_beta_fit_recovers_known_link():
     assert a == 0.0 and 1e6 / 0.009 > b > 2e6 / 0.0195
 
 
+def test_alpha_beta_fit_takes_bandwidth_from_the_long_transfers():
+    """Times measured on the emulated cluster with links shaped by tc tbf to 400 Mbit/s
+    (50 MB/s): point-to-point (2 nodes) and ring all-reduce (3 nodes) at 64 KiB-4 MiB. The
+    256 KiB all-reduce beat the line rate (the token bucket's burst) and the 64 KiB one waited
+    on the scheduler; every transfer of 1 MiB and more ran at 49-50 MB/s. The fit's bandwidth
+    is the shaped rate's, not one the small messages pull up."""
+    rows = [(2, 65536, 0.001314), (2, 262144, 0.005220), (2, 1048576, 0.021359), (2, 4194304, 0.084594),
+            (4, 87381.3, 0.003318), (4, 349525.3, 0.005388), (4, 1398101.3, 0.028712), (4, 5592405.3, 0.112655)]
+    alpha, beta = fit_alpha_beta(rows)
+    assert beta == pytest.approx(50e6, rel=0.02)
+    assert 0 <= alpha < 1e-3
+
+
 def test_profile_gives_the_big_layer_the_time():
     import torch
 
