@@ -948,9 +948,12 @@ class TorchExecutor:
                 self._cut[1] = fn(self._cut[1])
                 return None
             rec = self._open
-            if rec is None or rec.seg[1] != cut:  # the input of the forward that begins here
+            if (rec is None or rec.seg[1] != cut) and gather:  # the input of the forward that begins here
                 self._at_start.setdefault(cut, []).append(fn)
                 return None
+            if rec is None or rec.seg[1] != cut:
+                raise RuntimeError(f"rank {self.rank}: {op.op} of the output of layer {i}, but no forward has "
+                                   "just ended after that layer")
             rec.out = fn(rec.out)
             if rec.root is not None and rec.seg[1] < self.state.num_layers:
                 rec.root = rec.out
