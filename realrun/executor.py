@@ -20,8 +20,11 @@
   slices of the split layers. An all-reduce of ``activations`` of layer ``i``
   sums layer ``i``'s output (its gradient passes through: Megatron's ``g``);
   one of ``activation_grads`` of layer ``i`` sums the gradient of the column
-  group's input (a view taken before layer ``i``: Megatron's ``f``). A
-  vocabulary-split head's loss is taken over the group.
+  group's input (a view taken before layer ``i``: Megatron's ``f``). With
+  sequence parallelism a reduce-scatter of layer ``i``'s output and an
+  all-gather of column group ``i``'s input split and join the sequence
+  (dimension 1), each backed by the program's collective of the gradient there.
+  A vocabulary-split head's loss is taken over the group.
 * Activation recomputation: with a strategy's ``recompute`` the first forward
   runs without a graph and keeps each pipeline unit's input and random-number
   state; a ``Forward(recompute=True)`` runs the unit again from them, and its
@@ -231,7 +234,11 @@ class TorchExecutor:
         self._drive(None)
 
     def on_iteration(self, kind: str, i: int) -> None:
-        if kind == "start":
+        if kind == "start":  # what a tensor-parallel cut kept is an iteration's own
+            self._later.clear()
+            self._at_start.clear()
+            self._ungathered.clear()
+            self._partial.clear()
             self.iteration = i
             self.rec.iteration_start(i, self.now())
         else:

@@ -112,7 +112,8 @@ class Hybrid:
     """Split the replicated layers' tokens across the tensor-parallel group (reduce-scatter /
     all-gather instead of all-reduce), from the word embedding on (it must be the first split
     layer); the replicated layers' gradients, each rank's a sum over its tokens, are summed
-    over the group once per iteration (with ZeRO, before each bucket's reduce-scatter)."""
+    over the group once per iteration (with ZeRO, before each bucket's reduce-scatter: once
+    per micro-batch under ZeRO-2/3, which reduce every micro-batch)."""
     recompute: bool = False
     """Full activation recomputation: keep only each checkpoint unit's input (a transformer
     layer's; :func:`strategies.pipeline.checkpoint_units`) and re-run the unit's forward, its
@@ -250,7 +251,18 @@ class Hybrid:
             costs = job.layer_costs or tuple(float(p) for p in job.layer_params)
             bounds = tuple(balance(costs, parts, allowed))
         passes = tuple(tuple(x) for x in schedule(self.schedule, pp, self.micro_batches, v))
-        return _Layout(dp, pp, tp, v, bounds, tuple(coords), rank_of, passes, batch // self.micro_batches)
+        lay = _Layout(dp, pp, tp, v, bounds, tuple(coords), rank_of, passes, batch // self.micro_batches)
+        if pp > 1:
+            owners = {j for r in range(job.accelerators) for j, _ in _ties(job, lay, r)[1]}  # checks the ties too
+            late = [names[j] for j in owners if j >= bounds[1]]
+            if late and self.zero and dp > 1 and v > 1:
+                # under ZeRO the owner sums before its bucket's reduce-scatter, inside its backward;
+                # on a later virtual stage of an interleaved schedule it may still owe another stage
+                # a gradient the copy's stage waits for
+                raise ValueError(f"{owner}: {late} are tied across stages and owned after the first virtual stage; "
+                                 f"with zero={self.zero} and the interleaved schedule that can deadlock; use zero=0, "
+                                 "chunks=1, or boundaries that put them on the first stage")
+        return lay
 
     def stages(self, job: Job) -> list[tuple[int, int]]:
         """Layers ``[start, stop)`` of each virtual stage (stage ``j`` runs on pipeline stage ``j % pp``)."""
@@ -333,7 +345,10 @@ class Hybrid:
         """Activation elements per sample one rank sends across a cut after layer ``cut - 1``."""
         outputs = job.layer_outputs
         roles = job.layer_tp
-        share = split_factors(roles[cut - 1], lay.tp, self.sequence_parallel)[3] if lay.tp > 1 else 1.0
+        role = roles[cut - 1]
+        share = split_factors(role, lay.tp, self.sequence_parallel)[3] if lay.tp > 1 else 1.0
+        if lay.tp > 1 and self.sequence_parallel and role in ("row", "vocab"):
+            share = 1.0 / lay.tp  # reduce-scattered along the sequence before it leaves the stage
         return outputs[cut - 1] * share
 
     def _worker(self, job: Job, lay: _Layout):
@@ -589,16 +604,27 @@ def _ties(job: Job, lay: _Layout, rank: int) -> tuple[list, list]:
     def stage(x: int) -> int:
         return next(k for k in range(len(bounds) - 1) if bounds[k] <= x < bounds[k + 1]) % lay.pp
 
+    users: dict[int, set] = {}
     for i, j in enumerate(tied):
         if j < 0 or not job.layer_params[j]:
             continue
         si, sj = stage(i), stage(j)
         if si == sj:
             continue
+        users.setdefault(j, set()).add(si)
         group = tuple(sorted((lay.rank_of[(t, sj, d)], lay.rank_of[(t, si, d)])))
         for mine, where in ((copies, si), (owned, sj)):
             if s == where and (j, group) not in mine:
                 mine.append((j, group))
+    names = job.layer_names
+    many = {names[j]: sorted(x) for j, x in users.items() if len(x) > 1}
+    if many:
+        raise ValueError(f"pipeline: the parameters of {many} are used on more than two stages; tied weights "
+                         "are summed between two stages only; choose boundaries that keep their users together")
+    pairs = [tuple(sorted((stage(j), next(iter(x))))) for j, x in users.items()]
+    if len(pairs) != len(set(pairs)):
+        raise ValueError(f"pipeline: two tied weights ({[names[j] for j in users]}) join the same two stages; "
+                         "only one per pair of stages is summed; choose other boundaries")
     return copies, owned
 
 
@@ -607,6 +633,11 @@ def _check_sequence_split(names, roles, params, owner: str) -> None:
     reduce-scattered: the first split layer must be a vocabulary embedding, and no replicated
     layer with parameters may run before it (it would see the whole sequence)."""
     first = next((i for i, r in enumerate(roles) if r != "replicated"), None)
+    last = max((i for i, r in enumerate(roles) if r in ("row", "vocab")), default=-1)
+    if first is not None and roles[first] == "vocab" and not any(r in ("column", "head") for r in roles[last + 1:]):
+        raise ValueError(f"{owner}.sequence_parallel=True leaves the output split along the sequence: after the last "
+                         f"row-parallel layer {names[last]!r} comes no column group or head that gathers it; "
+                         "use sequence_parallel=False")
     if first is None or roles[first] != "vocab":
         where = "none" if first is None else f"{names[first]!r} ({roles[first]})"
         raise ValueError(f"{owner}.sequence_parallel=True needs a vocabulary-parallel word embedding as the first "

@@ -58,8 +58,7 @@ class TensorRef:
     only: tuple[int, ...] | None = None
     """The layers, in increasing order, whose parameters (or gradients) the tensor holds
     when they are not a range: one coalesced buffer of scattered layers (Megatron's
-    all-reduce of the layer norms' gradients under sequence parallelism, or of a tied
-    embedding's across pipeline stages)."""
+    all-reduce of the layer norms' gradients under sequence parallelism)."""
 
     def __post_init__(self) -> None:
         if not self.nbytes >= 0:

@@ -259,6 +259,56 @@ def test_a_tied_embedding_across_stages_is_summed_and_kept_on_the_last_stage(gpt
         [own[0] * 4, own[1] * 4, own[2] * 4, (own[3] + gpt_small.layers[emb].params) * 4])
 
 
+def test_sequence_parallel_stages_send_their_slice_of_the_sequence(gpt_small):
+    """Under sequence parallelism a block's last row layer reduce-scatters its output along the
+    sequence before the stage boundary: each rank sends b·s·h/t elements, not b·s·h."""
+    names = [x.name for x in gpt_small.layers]
+    cut = names.index("blocks.1")
+    job_exp = Experiment(workload=gpt_small, cluster=Cluster.homogeneous(nodes=2, gpus_per_node=T), batch_size=B,
+                         iterations=1, strategy=Hybrid(tp=T, pp=2, micro_batches=2, boundaries=(cut,),
+                                                       sequence_parallel=True))
+    tl = simulate(job_exp).timeline
+    sends = tl[(tl["rank"] == 0) & tl["name"].str.startswith("send:act")]
+    assert len(sends) == 2
+    per = {}
+    for sp in (True, False):
+        r = simulate(job_exp.replace(strategy=dataclasses.replace(job_exp.strategy, sequence_parallel=sp)))
+        per[sp] = r.ranks.loc[0, "bytes_sent"]
+    # rank 0 sends 2 micro-batches of activations forward; the rest of its traffic is the same
+    # bytes either way except the sequence-parallel gradient sum of its stage's replicated layers
+    stage0 = sum(x.params for x, role in zip(gpt_small.layers[:cut], gpt_small.tp_roles[:cut], strict=True)
+                 if role == "replicated")
+    act = B // 2 * S * H * 4  # one micro-batch's b·s·h fp32 output of the block
+    assert per[True] - per[False] == pytest.approx(2 * (T - 1) / T * stage0 * 4 - 2 * act * (1 - 1 / T))
+
+
+def test_sequence_parallel_refuses_an_output_left_split():
+    def layer(name, role, kind="Linear"):
+        return Layer(name=name, kind=kind, params=64 * 64, fwd_flops=1.0, bwd_flops=2.0, input_elems=64,
+                     output_elems=64, tp_role=role)
+
+    wl = Workload(name="pooled", layers=(layer("wte", "vocab", "Embedding"), layer("fc", "column"),
+                                         layer("proj", "row"), layer("pool", "replicated")))
+    with pytest.raises(ValueError, match=r"leaves the output split along the sequence: after the last "
+                                         r"row-parallel layer 'proj'"):
+        Experiment(workload=wl, cluster=Cluster.homogeneous(nodes=1, gpus_per_node=2), batch_size=4,
+                   strategy=TensorParallel(tp=2, sequence_parallel=True))
+
+
+def test_a_weight_tied_across_three_stages_is_refused(gpt_small):
+    names = [x.name for x in gpt_small.layers]
+    emb = names.index("embed.wte")
+    layers = list(gpt_small.layers)
+    mid = names.index("blocks.1.ln_1")
+    layers[mid] = dataclasses.replace(layers[mid], tied_to="embed.wte", params=0, param_shapes=())
+    wl = Workload(name="tied3", layers=tuple(layers))
+    b1, b2 = names.index("blocks.1"), names.index("ln_f")
+    assert emb < b1 <= mid < b2
+    with pytest.raises(ValueError, match=r"used on more than two stages"):
+        Experiment(workload=wl, cluster=Cluster.homogeneous(nodes=1, gpus_per_node=3), batch_size=B,
+                   strategy=PipelineParallel(pp=3, boundaries=(b1, b2))).memory()
+
+
 def test_tensor_parallel_splits_work_and_memory(gpt_small):
     fwd1, _ = layer_times(gpt_small, Cluster.homogeneous(nodes=1).device_of(0), "fp32", 1024)
     fwd4, _ = layer_times(gpt_small, Cluster.homogeneous(nodes=1).device_of(0), "fp32", 1024, tp=4)
