@@ -362,7 +362,7 @@ class TorchExecutor:
                     new = (view[1], *args[1:])
             elif torch.is_grad_enabled() and x.requires_grad:
                 if view is None or i in tp["starts"] and view[0] != i:
-                    view = (i, x.view_as(x))
+                    view = (i, x.view_as(x), x)  # x kept alive: its id is not reused meanwhile
                     view[1].register_hook(lambda g, i=i: self._tp_grad(i, g))
                     self._f_views[id(x)] = view
                     self._f_views[id(view[1])] = view

@@ -525,9 +525,7 @@ def _trace(module: Any, args: tuple, *, on_meta: bool) -> list[_Stat]:
         s = stat(path)
         s.params = sum(p.numel() for p in own if id(p) not in counted)
         s.shapes = tuple(tuple(p.shape) for p in own if id(p) not in counted)
-        owners = {counted[id(p)] for p in own if id(p) in counted}
-        if owners:
-            s.tied_to = min(owners, key=lambda name: next(i for i, x in enumerate(layers) if x.name == name))
+        s.tied_to = next((counted[id(p)] for p in own if id(p) in counted), "")  # the first shared one's owner
         for p in own:
             counted.setdefault(id(p), s.name)
         if own or s.computes:

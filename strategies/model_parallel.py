@@ -253,8 +253,7 @@ class Hybrid:
         passes = tuple(tuple(x) for x in schedule(self.schedule, pp, self.micro_batches, v))
         lay = _Layout(dp, pp, tp, v, bounds, tuple(coords), rank_of, passes, batch // self.micro_batches)
         if pp > 1:
-            owners = {j for r in range(job.accelerators) for j, _ in _ties(job, lay, r)[1]}  # checks the ties too
-            late = [names[j] for j in owners if j >= bounds[1]]
+            late = [names[j] for j, _, _ in _tie_pairs(job, lay) if j >= bounds[1]]  # checks the ties too
             if late and self.zero and dp > 1 and v > 1:
                 # under ZeRO the owner sums before its bucket's reduce-scatter, inside its backward;
                 # on a later virtual stage of an interleaved schedule it may still owe another stage
@@ -588,17 +587,14 @@ class Hybrid:
         return d
 
 
-def _ties(job: Job, lay: _Layout, rank: int) -> tuple[list, list]:
-    """Layers whose parameters are shared across pipeline stages (a tied embedding and output
-    head), for ``rank``: ``(copies, owned)``, each a list of ``(j, group)`` where ``j`` owns the
-    parameters and ``group`` is the owner's rank and the user's (same tensor-parallel and
-    data-parallel coordinates). ``copies``: this rank keeps a copy of ``j``'s parameters for a
-    layer of its own; ``owned``: it owns ``j`` and another stage uses it."""
+def _tie_pairs(job: Job, lay: _Layout) -> list[tuple[int, int, int]]:
+    """Parameters shared across pipeline stages (a tied embedding and output head), as
+    ``(j, owner stage, user stage)``: layer ``j`` owns them, a layer on the user stage uses
+    them too. Refused: a weight used on more than two stages, or two joining the same pair
+    (only a pair's gradients are summed, once)."""
     tied = job.layer_tied
-    copies, owned = [], []
     if not tied or lay.pp == 1:
-        return copies, owned
-    t, s, d = lay.coords[rank]
+        return []
     bounds = lay.bounds
 
     def stage(x: int) -> int:
@@ -606,25 +602,33 @@ def _ties(job: Job, lay: _Layout, rank: int) -> tuple[list, list]:
 
     users: dict[int, set] = {}
     for i, j in enumerate(tied):
-        if j < 0 or not job.layer_params[j]:
-            continue
-        si, sj = stage(i), stage(j)
-        if si == sj:
-            continue
-        users.setdefault(j, set()).add(si)
-        group = tuple(sorted((lay.rank_of[(t, sj, d)], lay.rank_of[(t, si, d)])))
-        for mine, where in ((copies, si), (owned, sj)):
-            if s == where and (j, group) not in mine:
-                mine.append((j, group))
+        if j >= 0 and job.layer_params[j] and stage(i) != stage(j):
+            users.setdefault(j, set()).add(stage(i))
     names = job.layer_names
     many = {names[j]: sorted(x) for j, x in users.items() if len(x) > 1}
     if many:
         raise ValueError(f"pipeline: the parameters of {many} are used on more than two stages; tied weights "
                          "are summed between two stages only; choose boundaries that keep their users together")
-    pairs = [tuple(sorted((stage(j), next(iter(x))))) for j, x in users.items()]
-    if len(pairs) != len(set(pairs)):
+    pairs = [(j, stage(j), next(iter(x))) for j, x in sorted(users.items())]
+    if len({(a, b) for _, a, b in pairs}) != len(pairs):
         raise ValueError(f"pipeline: two tied weights ({[names[j] for j in users]}) join the same two stages; "
                          "only one per pair of stages is summed; choose other boundaries")
+    return pairs
+
+
+def _ties(job: Job, lay: _Layout, rank: int) -> tuple[list, list]:
+    """``rank``'s part in :func:`_tie_pairs`: ``(copies, owned)``, each a list of ``(j, group)``
+    where ``group`` is the owner's rank and the user's (same tensor-parallel and data-parallel
+    coordinates). ``copies``: this rank keeps a copy of ``j``'s parameters for a layer of its
+    own; ``owned``: it owns ``j`` and another stage uses it."""
+    t, s, d = lay.coords[rank]
+    copies, owned = [], []
+    for j, sj, si in _tie_pairs(job, lay):
+        group = tuple(sorted((lay.rank_of[(t, sj, d)], lay.rank_of[(t, si, d)])))
+        if s == si:
+            copies.append((j, group))
+        if s == sj:
+            owned.append((j, group))
     return copies, owned
 
 
