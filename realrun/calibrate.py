@@ -274,15 +274,17 @@ def fit_alpha_beta(rows) -> tuple[float, float]:
 def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 20), repeats: int = 4,
                   nodes: int | None = None, timeout: float = 300) -> pd.DataFrame:
     """Point-to-point (sent and acknowledged) and ring all-reduce times at ``sizes`` bytes over
-    ``launcher``'s links between single-rank nodes of the experiment's cluster: rows of
-    pattern, size, nodes, messages, wire_bytes, seconds (medians over ``repeats``)."""
+    ``launcher``'s links between single-rank nodes of the experiment's cluster, and the delay
+    of an empty message sent behind a message of each size on the same link (pattern
+    ``queue``, :class:`~realrun.linkbench.LinkProbe`): rows of pattern, size, nodes,
+    messages, wire_bytes, seconds (medians over ``repeats``)."""
     from realrun.linkbench import LinkProbe
     from realrun.run import run
     from simulator import Experiment
 
     p = nodes or max(3, min(4, experiment.cluster.nodes))
     rows = []
-    for pattern, world in (("send", 2), ("all_reduce", p)):
+    for pattern, world in (("send", 2), ("all_reduce", p), ("queue", 3)):
         cluster = dataclasses.replace(experiment.cluster, nodes=world, gpus_per_node=1, hosts=(), devices=None,
                                       nics_per_node=1)
         probe = LinkProbe(nbytes=float(sizes[0]), pattern=pattern, sizes=tuple(float(s) for s in sizes))
@@ -291,26 +293,62 @@ def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 2
                          iterations=len(sizes) * (repeats + 1), name=f"calibrate-{pattern}")
         result = run(exp, launcher=launcher, threads=1, timeout=timeout)
         it = result.iterations
-        it = it[it["rank"] == 0].sort_values("iteration")
+        if pattern == "queue":
+            durations = queue_delays(result)
+        else:
+            durations = it[it["rank"] == 0].set_index("iteration")["duration"]
         for k, size in enumerate(sizes):
             # iterations k, k + len(sizes), ...; the first round (connection set-up) is left out
-            times = [d for i, d in zip(it["iteration"], it["duration"]) if i % len(sizes) == k and i >= len(sizes)]
+            times = [d for i, d in durations.items() if i % len(sizes) == k and i >= len(sizes)]
             if pattern == "send":
                 messages, wire = 2, size  # the message and its empty acknowledgement
+            elif pattern == "queue":
+                messages, wire = 1, 0.0  # one empty message (and what it waits behind)
             else:
                 messages, wire = 2 * (world - 1), 2 * (world - 1) / world * size
             rows.append((pattern, float(size), world, messages, wire, statistics.median(times)))
     return pd.DataFrame(rows, columns=["pattern", "size", "nodes", "messages", "wire_bytes", "seconds"])
 
 
+def queue_delays(result) -> pd.Series:
+    """Per iteration of a :class:`~realrun.linkbench.LinkProbe` ``queue`` run (real or
+    simulated), the empty message's seconds from its send on rank 0 to the end of rank 2's
+    iteration, when it arrived."""
+    tl, it = result.timeline, result.iterations
+    sent = tl[(tl["rank"] == 0) & (tl["name"] == "send:queue-token->2")].groupby("iteration")["start"].min()
+    return (it[it["rank"] == 2].set_index("iteration")["end"] - sent).dropna()
+
+
+def fit_flow_window(queue_rows, alpha: float, beta: float, min_size: float = 1 << 20) -> float:
+    """A link's flow window (bytes, :attr:`simulator.LinkSpec.flow_window`) from the delays of
+    empty messages sent behind messages of several sizes (``(size, seconds)`` pairs): what
+    each waited beyond the latency ``alpha``, at bandwidth ``beta``, is the bytes of the
+    message before it still queued, ``min(window, size)``. The window is the median over
+    the messages of at least ``min_size`` bytes (all of them if none is that large): a
+    smaller one has partly left the sender's queue by the time the empty one is sent
+    (measured here: 0.01 MB queued behind 64 KiB, 0.1 MB behind 256 KiB, 0.24-0.3 MB
+    behind 1-4 MiB at 400 Mbit/s)."""
+    queued = [(size, max(0.0, seconds - alpha) * beta) for size, seconds in queue_rows]
+    if not queued:
+        raise ValueError("fit_flow_window: no queue measurements")
+    big = [q for size, q in queued if size >= min_size] or [q for _, q in queued]
+    return float(statistics.median(big))
+
+
 def calibrate_link(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 20),
                    repeats: int = 4) -> tuple[LinkSpec, pd.DataFrame]:
-    """``launcher``'s link between nodes, fitted (:func:`fit_alpha_beta`) to
-    :func:`measure_links`' timings; and those timings, with the fit's ``predicted`` seconds."""
+    """``launcher``'s link between nodes: latency and bandwidth fitted (:func:`fit_alpha_beta`)
+    to :func:`measure_links`' message and all-reduce timings, the flow window
+    (:func:`fit_flow_window`) to its queue delays; and those timings, with the fit's
+    ``predicted`` seconds."""
     table = measure_links(experiment, launcher, sizes=sizes, repeats=repeats)
-    alpha, beta = fit_alpha_beta(list(zip(table["messages"], table["wire_bytes"], table["seconds"])))
+    timed = table[table["pattern"] != "queue"]
+    alpha, beta = fit_alpha_beta(list(zip(timed["messages"], timed["wire_bytes"], timed["seconds"])))
+    queue = table["pattern"] == "queue"
+    window = fit_flow_window(list(zip(table.loc[queue, "size"], table.loc[queue, "seconds"])), alpha, beta)
     table["predicted"] = table["messages"] * alpha + table["wire_bytes"] / beta
-    return LinkSpec(name="measured-link", bandwidth=beta, latency=alpha), table
+    table.loc[queue, "predicted"] = alpha + np.minimum(window, table.loc[queue, "size"]) / beta
+    return LinkSpec(name="measured-link", bandwidth=beta, latency=alpha, flow_window=window), table
 
 
 # ---------------------------------------------------------------------------------- result
@@ -333,6 +371,12 @@ class Calibration:
     rank waited that long runs that many times slower. Empty: no such effect."""
     optimizer_seconds: dict = field(default_factory=dict)
     """Measured seconds of one optimizer step over the whole model, per optimizer."""
+    eager_limit: float | None = None
+    """The transport's eager limit (:attr:`simulator.Experiment.eager_limit`), applied to the
+    experiment; None leaves the experiment's. :func:`calibrate` sets 0: realrun's transports
+    move every message by rendezvous. gloo's TCP pair sends a message only once the
+    receiver's ready notification for it has come (``NOTIFY_RECV_READY``, whatever the
+    size), and NCCL's send completes only against a posted receive."""
     measurements: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=MEASUREMENT_COLUMNS))
     machine: dict = field(default_factory=dict)
 
@@ -360,6 +404,8 @@ class Calibration:
             strategy = dataclasses.replace(strategy, server_device=self.device.to_dict())
         calibrated = experiment.replace(workload=self.workload, cluster=self.cluster_for(experiment.cluster),
                                         compute=compute, strategy=strategy)
+        if self.eager_limit is not None:
+            calibrated = calibrated.replace(eager_limit=self.eager_limit)
         factor = self.idle_factor(calibrated)
         if factor != 1.0:
             layers = tuple(dataclasses.replace(layer, fwd_time=layer.fwd_time * factor, bwd_time=layer.bwd_time * factor)
@@ -407,6 +453,7 @@ class Calibration:
             "cost_scale": self.cost_scale,
             "idle_slowdown": [list(p) for p in self.idle_slowdown],
             "optimizer_seconds": self.optimizer_seconds,
+            "eager_limit": self.eager_limit,
             "machine": self.machine,
             "measurements": json.loads(self.measurements.to_json(orient="records")),
         }
@@ -428,6 +475,7 @@ class Calibration:
             cost_scale=dict(spec.get("cost_scale", {})),
             idle_slowdown=tuple(tuple(p) for p in spec.get("idle_slowdown", [])),
             optimizer_seconds=spec.get("optimizer_seconds", {}),
+            eager_limit=spec.get("eager_limit"),
             measurements=pd.DataFrame(spec.get("measurements", []), columns=MEASUREMENT_COLUMNS),
             machine=spec.get("machine", {}),
         )
@@ -605,7 +653,7 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
         machine["gpu"] = torch.cuda.get_device_name(dev)
     cal = Calibration(device=dev_spec, workload=measured, link=link, shared_cores=shared_cores,
                       cost_scale=cost_scale, idle_slowdown=idle, optimizer_seconds={experiment.optimizer: t_opt},
-                      measurements=pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS), machine=machine)
+                      eager_limit=0.0, measurements=pd.DataFrame(rows, columns=MEASUREMENT_COLUMNS), machine=machine)
     if out is not None:
         cal.save(out)
     return cal

@@ -22,8 +22,13 @@ from strategies.ops import TensorRef
 
 @dataclass(frozen=True, kw_only=True)
 class LinkProbe:
-    """A strategy that only moves bytes: ``send`` (rank 0 to 1, acknowledged) or a ring
-    ``all_reduce`` of ``nbytes`` over every rank, once per iteration."""
+    """A strategy that only moves bytes, once per iteration: ``send`` (``nbytes`` from rank 0
+    to 1, acknowledged), a ring ``all_reduce`` of ``nbytes`` over every rank, or ``queue``:
+    rank 0 sends ``nbytes`` to rank 1 and, as soon as that send is handed to the transport,
+    an empty message to rank 2 over the same outgoing link. The empty message's delay
+    beyond the link's latency is the time it waits behind the bulk message's bytes already
+    queued on the link (:attr:`simulator.LinkSpec.flow_window`); its send is the span
+    ``send:queue-token->2`` on rank 0 and it arrives when rank 2's iteration ends."""
 
     name: ClassVar[str] = "link_probe"
     nbytes: float
@@ -33,8 +38,8 @@ class LinkProbe:
     ``sizes[i % len(sizes)]``); empty: ``nbytes`` every iteration."""
 
     def __post_init__(self) -> None:
-        if self.pattern not in ("send", "all_reduce"):
-            raise ValueError(f"LinkProbe.pattern must be 'send' or 'all_reduce', got {self.pattern!r}")
+        if self.pattern not in ("send", "all_reduce", "queue"):
+            raise ValueError(f"LinkProbe.pattern must be 'send', 'all_reduce' or 'queue', got {self.pattern!r}")
         if not self.nbytes > 0:
             raise ValueError(f"LinkProbe.nbytes must be > 0, got {self.nbytes!r}")
         object.__setattr__(self, "sizes", tuple(self.sizes))
@@ -66,8 +71,34 @@ class LinkProbe:
             for i in ctx.iterations():
                 yield ctx.all_reduce(datas[i % len(datas)], algorithm="ring")
 
+        token = TensorRef("queue-token", 0, "custom")
+
+        def queuer(ctx: RankContext):
+            for i in ctx.iterations():
+                yield ctx.recv(1, ack, tag=2)  # both receivers are waiting
+                yield ctx.recv(2, ack, tag=2)
+                bulk = yield ctx.send(1, datas[i % len(datas)], tag=1, async_op=True)
+                yield ctx.wait(bulk)
+                yield ctx.send(2, token, tag=3)
+                yield ctx.recv(1, ack, tag=4)  # the bulk message is in
+
+        def bulk_receiver(ctx: RankContext):
+            for i in ctx.iterations():
+                yield ctx.send(0, ack, tag=2)
+                yield ctx.recv(0, datas[i % len(datas)], tag=1)
+                yield ctx.send(0, ack, tag=4)
+
+        def token_receiver(ctx: RankContext):
+            for _ in ctx.iterations():
+                yield ctx.send(0, ack, tag=2)
+                yield ctx.recv(0, token, tag=3)
+
         if self.pattern == "all_reduce":
             return [reducer] * job.world_size
+        if self.pattern == "queue":
+            if job.world_size < 3:
+                raise ValueError(f"LinkProbe(pattern='queue') needs 3 ranks, got {job.world_size}")
+            return [queuer, bulk_receiver, token_receiver] + [idle] * (job.world_size - 3)
         return [sender, receiver] + [idle] * (job.world_size - 2)
 
     def to_dict(self) -> dict:

@@ -88,7 +88,7 @@ class _Simulation:
         self.rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(experiment.seed).spawn(cluster.world_size)]
         self.cluster = cluster
         self.world = world = cluster.world_size
-        self.network = Network(env, [link.bandwidth for link in cluster.links])
+        self.network = Network(env, [link.bandwidth for link in cluster.links], windows=[link.window for link in cluster.links])
         self.collectives = CollectiveRunner(env, self.network, cluster, model=experiment.collective_model)
         self.devices = [cluster.device_of(r) for r in range(world)]
         self.timer = ComputeTimer(
@@ -420,25 +420,34 @@ class _Simulation:
         self._comm_acc[rank] += now - start
 
     def _rendezvous(self, rank, op, route, latency, limit, start) -> Handle:
-        """A message larger than the eager limit: its first ``limit`` bytes flow now, its envelope
-        reaches the receiver after the path latency, and the rest flows once a receive matches it."""
+        """A message larger than the eager limit (gloo's TCP transport: every message): its
+        first ``limit`` bytes flow now and its envelope (the send notification) reaches the
+        receiver after the path latency, behind the bytes queued on the path. When a
+        receive takes it, the receiver's ready notification travels back (latency and
+        queue of the reverse path) and the rest flows. The sender is done once the rest is
+        handed to the transport, as a gloo send completes once it is written out."""
         env = self.env
         eager = self.network.transfer(route, limit, latency) if limit > 0 else None
-        envelope = _Envelope(rank, op.tag, op, route, latency, eager, start)
-        env.timeout(latency).callbacks.append(lambda _e: self._deliver(op.dst, envelope))
-        # The sender is done once the transport holds the message (the eager part sent; the
-        # rest waits in its buffers), as a send to a socket returns before it is read.
-        if eager is None:
-            eager = env.event()
-            eager.succeed()
-        return Handle(eager, op)
+        handed = env.event()
+        envelope = _Envelope(rank, op.tag, op, route, latency, eager, start, handed)
+        delay = latency + self.network.backlog(route)
+        env.timeout(delay).callbacks.append(lambda _e: self._deliver(op.dst, envelope))
+        done = handed if eager is None else env.all_of([handed, eager])
+        return Handle(done, op)
 
     def _matched(self, envelope: _Envelope, event: simpy.Event) -> None:
-        """A receive took ``envelope``: the rest of the message flows now; ``event`` (the
-        receive) and the sender's handle fire when the last byte has arrived."""
+        """A receive took ``envelope``: once the ready notification is back at the sender the
+        rest of the message flows; ``event`` (the receive) fires when its last byte has arrived."""
+        op = envelope.op
+        back = self.cluster.route(op.dst, envelope.src)
+        notify = self.cluster.path_latency(op.dst, envelope.src) + self.network.backlog(back)
+        self.env.timeout(notify).callbacks.append(lambda _e: self._flow_rest(envelope, event))
+
+    def _flow_rest(self, envelope: _Envelope, event: simpy.Event) -> None:
         op = envelope.op
         rest = self.network.transfer(envelope.route, op.tensor.nbytes - (self.exp.eager_limit or 0.0),
                                      envelope.latency)
+        envelope.handed.succeed()
         parts = [rest] if envelope.eager is None else [rest, envelope.eager]
 
         def arrived(_e):
@@ -486,6 +495,8 @@ class _Envelope:
     latency: float
     eager: simpy.Event | None
     start: float
+    handed: simpy.Event
+    """Fires when the rest of the message is handed to the transport (the sender's send is done)."""
 
 
 def simulate(experiment) -> RunResult:

@@ -62,14 +62,15 @@ class Experiment:
     optimizer: str = "sgd"
     compute: ComputeModel = field(default_factory=ComputeModel)
     collective_model: str = "auto"
+    """"auto" takes the exact closed-form fast path where it applies; "stepped" never does."""
     eager_limit: float | None = None
     """Point-to-point messages up to this many bytes flow as soon as they are sent (eager);
     of a larger one only the first ``eager_limit`` bytes do, and the rest once the receiver
-    posts the matching receive (rendezvous: MPI's and NCCL's protocol for large messages,
-    and TCP's receive window when the receiving program has not read yet; a server that
-    reads one push at a time then takes them one after another). ``None``: every message is
-    eager, however large."""
-    """"auto" takes the exact closed-form fast path where it applies; "stepped" never does."""
+    has posted the matching receive and its ready notification is back at the sender
+    (rendezvous: MPI's and NCCL's protocol for large messages, gloo's for every message; a
+    server that reads one push at a time then takes them one after another). The sender's
+    send is done once the rest is handed over. ``None``: every message is eager, however
+    large. Calibration sets 0 (see :attr:`realrun.Calibration.eager_limit`)."""
     out_of_memory: str = "raise"
     """When a rank needs more memory than its device has: ``raise`` an
     :class:`~simulator.memory.OutOfMemoryError` before simulating, or ``report`` it (a

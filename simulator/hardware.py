@@ -175,11 +175,18 @@ class LinkSpec:
     """Bytes/s per direction (full duplex: each direction has all of it)."""
     latency: float
     """Seconds, one way, end to end for one hop of this kind."""
+    flow_window: float = 0.0
+    """Bytes each flow keeps queued in this link's first-in-first-out queue (a TCP window in
+    a deep buffer): a message starting on the link waits behind ``min(flow_window, bytes
+    left)`` of every flow already on it (:mod:`simulator.network`). 0: no queue, max-min
+    sharing from the first byte (the default; right for credit-based fabrics such as
+    NVLink and InfiniBand, and for shallow switch buffers)."""
 
     def __post_init__(self) -> None:
         _check_name(self.name, "LinkSpec.name")
         _set(self, "bandwidth", units.parse_bandwidth(self.bandwidth, "LinkSpec.bandwidth"))
         _set(self, "latency", units.parse_time(self.latency, "LinkSpec.latency"))
+        _set(self, "flow_window", units.parse_bytes(self.flow_window, "LinkSpec.flow_window"))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -19,6 +19,19 @@ Flows can carry per-link byte counts different from their own size (a
 collective's fast path moves one "bundle" over many links); by default each
 link on the path carries the flow's bytes. A bundle credits each link with the
 time its bytes take at the link's capacity, and records no busy interval.
+
+Queues. A link may have a *flow window* ``w`` (bytes): the link is then a deep
+first-in-first-out queue into which every flow crossing it keeps up to ``w``
+bytes (a TCP sender's window; a shaper such as ``tc tbf`` with a long
+``latency`` holds all of them). A flow that starts on such a link first waits
+behind what is queued ahead of it, ``min(w, bytes left)`` of every flow that
+entered the link before it (or is itself still waiting), at the link's
+capacity; over a path it waits for the longest such queue. Of flows that start
+at one instant, each waits behind those started before it in program order. Then it shares the
+link max-min fairly with the rest. A small message on a busy link therefore
+takes the queue's drain time, not its own size over a fair share: latency
+under load. With ``w = 0`` (the default) a flow shares from its first byte.
+Bundles neither wait nor count in a queue.
 """
 
 from __future__ import annotations
@@ -33,7 +46,7 @@ _RTOL = 1e-12
 
 class Flow:
     __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done", "link_bytes",
-                 "on_drain")
+                 "on_drain", "entered")
 
     def __init__(self, fid, path, size, latency, done, now, link_bytes=None, on_drain=None):
         self.id: int = fid
@@ -48,6 +61,12 @@ class Flow:
         self.link_bytes = link_bytes
         """Per-link bytes of a bundle (a collective's fast path), else None."""
         self.on_drain = on_drain
+        self.entered: float = now
+        """When the flow entered its links (after any wait behind a queue)."""
+
+    def left(self, now: float) -> float:
+        """Bytes not yet sent at ``now``."""
+        return self.remaining - self.rate * (now - self.t0)
 
     def set_rate(self, rate: float, now: float) -> None:
         self.remaining -= self.rate * (now - self.t0)
@@ -59,18 +78,29 @@ class Flow:
 class Network:
     """Links with capacities, and the flows currently crossing them.
 
-    ``capacities[i]`` is link ``i``'s bandwidth in bytes/s. Per link it counts
-    bytes carried and busy time (time with at least one flow), and keeps the
-    busy intervals for the timeline.
+    ``capacities[i]`` is link ``i``'s bandwidth in bytes/s; ``windows[i]`` its
+    flow window in bytes (see the module docstring; default 0 everywhere). Per
+    link it counts bytes carried and busy time (time with at least one flow),
+    and keeps the busy intervals for the timeline.
     """
 
-    def __init__(self, env: simpy.Environment, capacities: Sequence[float], *, record_busy: bool = True):
+    def __init__(self, env: simpy.Environment, capacities: Sequence[float], *,
+                 windows: Sequence[float] | None = None, record_busy: bool = True):
         for i, c in enumerate(capacities):
             if not c > 0:
                 raise ValueError(f"link {i} capacity must be > 0 bytes/s, got {c!r}")
         self.env = env
         self.capacity = list(capacities)
         n = len(self.capacity)
+        windows = [0.0] * n if windows is None else list(windows)
+        if len(windows) != n:
+            raise ValueError(f"windows must give one flow window per link ({n}), got {len(windows)}")
+        for i, w in enumerate(windows):
+            if not w >= 0:
+                raise ValueError(f"link {i} flow window must be >= 0 bytes, got {w!r}")
+        self.window = windows
+        self._queued = any(w > 0 for w in windows)
+        self._waiting: list[dict[Flow, None]] = [{} for _ in range(n)]  # flows queued behind others
         self.link_flows: list[dict[Flow, None]] = [{} for _ in range(n)]
         self.bytes = [0.0] * n
         self.busy_time = [0.0] * n
@@ -117,13 +147,46 @@ class Network:
         else:
             for link, b in zip(path, link_bytes, strict=True):
                 self.bytes[link] += b
-        if nbytes == 0 or not path:
+        if nbytes == 0 or not path:  # an empty message still queues behind the bytes ahead of it
             if on_drain is not None:
                 on_drain()
-            self._finish_after(done, latency)
+            self._finish_after(done, latency + (self.backlog(path) if self._queued else 0.0))
             return done
         now = env.now
         flow = Flow(self.flows_started, path, nbytes, latency, done, now, link_bytes, on_drain)
+        wait = self.backlog(path) if self._queued and link_bytes is None else 0.0
+        if wait > 0:
+            for link in path:
+                self._waiting[link][flow] = None
+            env.timeout(wait).callbacks.append(lambda _e: self._enter(flow))
+        else:
+            self._enter(flow)
+        return done
+
+    def backlog(self, path: Sequence[int]) -> float:
+        """Seconds a byte entering ``path`` now waits behind the bytes queued ahead of it:
+        on each link with a flow window, ``min(window, bytes left)`` of every flow that
+        entered it (even at this instant: of two messages written at once one is first)
+        or is waiting to, at the link's capacity; the longest over the path. 0 on links
+        without a window."""
+        now = self.env.now
+        longest = 0.0
+        for link in path:
+            w = self.window[link]
+            if w <= 0:
+                continue
+            queued = sum(min(w, f.left(now)) for f in self.link_flows[link] if f.link_bytes is None)
+            queued += sum(min(w, f.size) for f in self._waiting[link])
+            longest = max(longest, queued / self.capacity[link])
+        return longest
+
+    def _enter(self, flow: Flow) -> None:
+        """The flow takes its place on its links and shares them from now on."""
+        now = self.env.now
+        path, link_bytes = flow.path, flow.link_bytes
+        flow.t0 = flow.entered = now
+        for link in path:
+            self._waiting[link].pop(flow, None)
         self._flows[flow] = None
         contended = False
         for link in path:
@@ -137,7 +200,6 @@ class Network:
         if contended:
             self.bundles_contended += 1
         self._request_recompute()
-        return done
 
     def _busy_more(self, link: int, now: float) -> None:
         if self._busy_count[link] == 0:

@@ -13,7 +13,16 @@ import simpy
 from builders import timed_workload
 
 import realrun
-from realrun.calibrate import Calibration, calibrate, compute_batch, fit_alpha_beta, profile_layers
+from realrun.calibrate import (
+    Calibration,
+    calibrate,
+    compute_batch,
+    fit_alpha_beta,
+    fit_flow_window,
+    profile_layers,
+    queue_delays,
+)
+from realrun.linkbench import LinkProbe
 from realrun.validate import VALIDATION_COLUMNS, compare, error_summary, steady_metrics, validate
 from simulator import Cluster, ComputeModel, Experiment, Workload, simulate
 from simulator.compute import SharedCores
@@ -135,6 +144,38 @@ def test_alpha_beta_fit_takes_bandwidth_from_the_long_transfers():
     assert 0 <= alpha < 1e-3
 
 
+def test_flow_window_fit_recovers_a_known_window():
+    alpha, beta, window = 1e-4, 50e6, 3e5
+    sizes = (65536, 262144, 1 << 20, 4 << 20)
+    rows = [(n, alpha + min(window, n) / beta) for n in sizes]
+    assert fit_flow_window(rows, alpha, beta) == pytest.approx(window)
+    # Small messages drain partly before the empty one is sent: they do not pull the window down.
+    drained = [(65536, alpha + 1e4 / beta), (262144, alpha + 1e5 / beta)] + rows[2:]
+    assert fit_flow_window(drained, alpha, beta) == pytest.approx(window)
+    # With no large message, every size counts.
+    assert fit_flow_window(rows[:2], alpha, beta) == pytest.approx((65536 + 262144) / 2)
+    with pytest.raises(ValueError, match="no queue"):
+        fit_flow_window([], alpha, beta)
+
+
+def test_queue_probe_measures_the_flow_window_in_the_simulator():
+    """The probe calibration runs for real, run in the simulator on a link with a known
+    window, by rendezvous as gloo does: the empty message arrives latency + min(W, S)/B after
+    its send, so the fit gives the window back."""
+    B, L, W = 50e6, 1e-4, 3e5
+    sizes = (65536.0, 1 << 20, 4 << 20)
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=3, gpus_per_node=1, inter="10GbE", inter_bandwidth=B,
+                                                 inter_latency=L, inter_flow_window=W),
+                     strategy=LinkProbe(nbytes=sizes[0], pattern="queue", sizes=sizes), batch_size=1,
+                     iterations=2 * len(sizes), eager_limit=0)
+    delays = queue_delays(simulate(exp))
+    for i, d in delays.items():
+        assert d == pytest.approx(L + min(W, sizes[i % len(sizes)]) / B)
+    rows = [(sizes[i % len(sizes)], d) for i, d in delays.items()]
+    assert fit_flow_window(rows, L, B) == pytest.approx(W)
+
+
 def test_profile_gives_the_big_layer_the_time():
     import torch
 
@@ -192,6 +233,7 @@ def test_calibrate_measures_every_layer_and_round_trips(small_calibration):
     back = Calibration.load(folder)
     assert back.device == cal.device and back.workload == cal.workload
     assert back.cost_scale == cal.cost_scale and back.shared_cores == cal.shared_cores
+    assert cal.eager_limit == 0.0 and back.eager_limit == cal.eager_limit  # realrun's transports: rendezvous
     # The saved workload loads from an experiment file's [workload] path too.
     spec = {**exp.to_dict(), "workload": {"path": str(folder / "workload.json")}}
     assert Experiment.from_dict(spec).workload == cal.workload
@@ -203,10 +245,11 @@ def test_calibrated_experiment_uses_the_measurements(small_calibration):
     assert model.cluster.device == cal.device
     assert model.compute.shared_cores == cal.shared_cores
     assert model.compute.cost_scale == cal.cost_scale
+    assert model.eager_limit == cal.eager_limit == 0.0
     # The layers' times are the measured ones, times the slowdown after the idle time the
     # run has (on this CPU), and one iteration's forward is their sum.
     factor = cal.idle_factor(exp.replace(workload=cal.workload, cluster=cal.cluster_for(exp.cluster),
-                                         compute=model.compute))
+                                         compute=model.compute, eager_limit=cal.eager_limit))
     for mine, measured in zip(model.workload.layers, cal.workload.layers):
         assert mine.fwd_time == pytest.approx(factor * measured.fwd_time)
     tl = simulate(model.replace(compute=dataclasses.replace(model.compute, shared_cores=0))).timeline

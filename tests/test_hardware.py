@@ -147,6 +147,9 @@ def test_link_validation_names_the_field():
         LinkSpec(name="x", bandwidth=0, latency=0)
     with pytest.raises(ValueError, match="LinkSpec.latency: time must be finite"):
         LinkSpec(name="x", bandwidth=1, latency=float("inf"))
+    with pytest.raises(ValueError, match="LinkSpec.flow_window"):
+        LinkSpec(name="x", bandwidth=1, latency=0, flow_window=-1)
+    assert LinkSpec(name="x", bandwidth=1, latency=0, flow_window="512KB").flow_window == 512e3
 
 
 def test_devices_are_immutable_hashable_picklable_and_round_trip():
