@@ -338,7 +338,7 @@ def simulate_collective(
             f"ranks must be distinct ranks in [0, {cluster.world_size}), got {list(group)[:16]}"
         )
     env = simpy.Environment()
-    network = Network(env, [link.bandwidth for link in cluster.links], windows=[link.window for link in cluster.links], record_busy=False)
+    network = Network.for_links(env, cluster.links, record_busy=False)
     runner = CollectiveRunner(env, network, cluster, model=model)
     finish = [None] * len(group)
 

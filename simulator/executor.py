@@ -88,7 +88,7 @@ class _Simulation:
         self.rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(experiment.seed).spawn(cluster.world_size)]
         self.cluster = cluster
         self.world = world = cluster.world_size
-        self.network = Network(env, [link.bandwidth for link in cluster.links], windows=[link.window for link in cluster.links])
+        self.network = Network.for_links(env, cluster.links)
         self.collectives = CollectiveRunner(env, self.network, cluster, model=experiment.collective_model)
         self.devices = [cluster.device_of(r) for r in range(world)]
         self.timer = ComputeTimer(

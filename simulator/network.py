@@ -27,8 +27,8 @@ bytes (a TCP sender's window; a shaper such as ``tc tbf`` with a long
 behind what is queued ahead of it, ``min(w, bytes left)`` of every flow that
 entered the link before it (or is itself still waiting), at the link's
 capacity; over a path it waits for the longest such queue. Of flows that start
-at one instant, each waits behind those started before it in program order. Then it shares the
-link max-min fairly with the rest. A small message on a busy link therefore
+at one instant, each waits behind those started before it in program order.
+Then it shares the link max-min fairly with the rest. A small message on a busy link therefore
 takes the queue's drain time, not its own size over a fair share: latency
 under load. With ``w = 0`` (the default) a flow shares from its first byte.
 Bundles neither wait nor count in a queue.
@@ -46,7 +46,7 @@ _RTOL = 1e-12
 
 class Flow:
     __slots__ = ("id", "path", "size", "remaining", "rate", "t0", "finish", "latency", "done", "link_bytes",
-                 "on_drain", "entered")
+                 "on_drain")
 
     def __init__(self, fid, path, size, latency, done, now, link_bytes=None, on_drain=None):
         self.id: int = fid
@@ -61,8 +61,6 @@ class Flow:
         self.link_bytes = link_bytes
         """Per-link bytes of a bundle (a collective's fast path), else None."""
         self.on_drain = on_drain
-        self.entered: float = now
-        """When the flow entered its links (after any wait behind a queue)."""
 
     def left(self, now: float) -> float:
         """Bytes not yet sent at ``now``."""
@@ -117,6 +115,13 @@ class Network:
         self.flows_started = 0
         self.bundles_contended = 0
         """Bundles that shared a link with another flow: there the fast path is approximate."""
+
+    @classmethod
+    def for_links(cls, env: simpy.Environment, links, *, record_busy: bool = True) -> Network:
+        """A network over a cluster's links (:attr:`simulator.Cluster.links`): their
+        bandwidths and flow windows."""
+        return cls(env, [link.bandwidth for link in links], windows=[link.window for link in links],
+                   record_busy=record_busy)
 
     # public API
     def transfer(
@@ -184,7 +189,7 @@ class Network:
         """The flow takes its place on its links and shares them from now on."""
         now = self.env.now
         path, link_bytes = flow.path, flow.link_bytes
-        flow.t0 = flow.entered = now
+        flow.t0 = now
         for link in path:
             self._waiting[link].pop(flow, None)
         self._flows[flow] = None

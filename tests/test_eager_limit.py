@@ -43,12 +43,16 @@ class TwoToOne:
         return {"name": self.name}
 
 
-def _arrivals(eager_limit):
+def _timeline(strategy, nodes, eager_limit):
     exp = Experiment(workload=small_workload(),
-                     cluster=Cluster.homogeneous(nodes=3, gpus_per_node=1, inter="10GbE", inter_bandwidth=B,
+                     cluster=Cluster.homogeneous(nodes=nodes, gpus_per_node=1, inter="10GbE", inter_bandwidth=B,
                                                  inter_latency=L),
-                     strategy=TwoToOne(), batch_size=1, iterations=1, eager_limit=eager_limit)
-    tl = simulate(exp).timeline
+                     strategy=strategy, batch_size=1, iterations=1, eager_limit=eager_limit)
+    return simulate(exp).timeline
+
+
+def _arrivals(eager_limit):
+    tl = _timeline(TwoToOne(), 3, eager_limit)
     return sorted(tl.loc[tl["name"].str.startswith("send:"), "end"])
 
 
@@ -87,11 +91,7 @@ def test_a_rendezvous_send_is_done_once_handed_over():
     once the receiver's ready notification is back and the message is handed to the
     transport (2L), as a gloo send completes once written out."""
     def forward_start(eager_limit):
-        exp = Experiment(workload=small_workload(),
-                         cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE", inter_bandwidth=B,
-                                                     inter_latency=L),
-                         strategy=SendThenCompute(), batch_size=1, iterations=1, eager_limit=eager_limit)
-        tl = simulate(exp).timeline
+        tl = _timeline(SendThenCompute(), 2, eager_limit)
         return float(tl.loc[(tl["rank"] == 0) & tl["name"].str.startswith("forward"), "start"].min())
 
     assert forward_start(None) == pytest.approx(L + S / B)

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from simulator.network import Network
 
 
-def run_flows(capacities, flows):
+def run_flows(capacities, flows, windows=None):
     """flows: (start, path, nbytes, latency, label). Returns {label: finish time}."""
     env = simpy.Environment()
-    net = Network(env, capacities)
+    net = Network(env, capacities, windows=windows)
     log = {}
 
     def starter(start, path, nbytes, latency, label):
@@ -133,26 +133,9 @@ def test_rejects_bad_capacity_and_size():
 # Flow windows: a link that queues first-in-first-out, each flow keeping up to W bytes queued.
 
 
-def run_windowed(capacities, windows, flows):
-    """Like run_flows, on links with flow windows."""
-    env = simpy.Environment()
-    net = Network(env, capacities, windows=windows)
-    log = {}
-
-    def starter(start, path, nbytes, latency, label):
-        yield env.timeout(start)
-        yield net.transfer(path, nbytes, latency)
-        log[label] = env.now
-
-    for f in flows:
-        env.process(starter(*f))
-    env.run()
-    return log
-
-
 def test_a_late_flow_waits_behind_the_window_then_shares():
     B, W = 10.0, 20.0
-    log = run_windowed([B], [W], [(0, (0,), 100.0, 0.0, "first"), (5, (0,), 20.0, 0.0, "second")])
+    log = run_flows([B], [(0, (0,), 100.0, 0.0, "first"), (5, (0,), 20.0, 0.0, "second")], [W])[0]
     # At 5 s first has 50 left, min(W, 50) = 20 queued: second waits 2 s, enters at 7 (first
     # has 30 left), both at 5 B/s: second's 20 bytes take 4 s -> 11; first's last 10 alone -> 12.
     assert close(log["second"], 11.0)
@@ -161,7 +144,7 @@ def test_a_late_flow_waits_behind_the_window_then_shares():
 
 def test_flows_started_together_queue_in_program_order():
     B, W, S = 10.0, 20.0, 100.0
-    log = run_windowed([B], [W], [(0, (0,), S, 0.0, "a"), (0, (0,), S, 0.0, "b")])
+    log = run_flows([B], [(0, (0,), S, 0.0, "a"), (0, (0,), S, 0.0, "b")], [W])[0]
     # b waits W/B behind a's window; a sends W alone, then they share: a ends at (2S - W)/B, b at 2S/B.
     assert close(log["a"], (2 * S - W) / B)
     assert close(log["b"], 2 * S / B)
@@ -169,8 +152,8 @@ def test_flows_started_together_queue_in_program_order():
 
 def test_an_empty_message_waits_for_the_queue_ahead_of_it():
     B, W, a = 10.0, 30.0, 0.5
-    log = run_windowed([B], [W], [(0, (0,), 100.0, 0.0, "bulk"), (2, (0,), 0.0, a, "early"),
-                                  (9, (0,), 0.0, a, "late")])
+    log = run_flows([B], [(0, (0,), 100.0, 0.0, "bulk"), (2, (0,), 0.0, a, "early"),
+                       (9, (0,), 0.0, a, "late")], [W])[0]
     assert close(log["early"], 2 + W / B + a)  # 80 bytes left: the window's 30 are ahead
     assert close(log["late"], 9 + 10 / B + a)  # 10 bytes left: all of them are ahead
     assert close(log["bulk"], 10.0)
@@ -178,21 +161,21 @@ def test_an_empty_message_waits_for_the_queue_ahead_of_it():
 
 def test_a_waiting_flow_is_queued_ahead_of_later_ones():
     B, W = 10.0, 20.0
-    log = run_windowed([B], [W], [(0, (0,), 100.0, 0.0, "a"), (1, (0,), 50.0, 0.0, "b"),
-                                  (2, (0,), 0.0, 0.0, "token")])
+    log = run_flows([B], [(0, (0,), 100.0, 0.0, "a"), (1, (0,), 50.0, 0.0, "b"),
+                       (2, (0,), 0.0, 0.0, "token")], [W])[0]
     # b waits 2 s (from 1 to 3); at 2 s the token is behind a's 20 and waiting b's 20: 4 s.
     assert close(log["token"], 6.0)
 
 
 def test_the_longest_queue_on_the_path_counts():
-    log = run_windowed([10.0, 10.0], [20.0, 40.0], [(0, (0,), 100.0, 0.0, "x"), (0, (1,), 100.0, 0.0, "y"),
-                                                     (1, (0, 1), 0.0, 0.0, "token")])
+    log = run_flows([10.0, 10.0], [(0, (0,), 100.0, 0.0, "x"), (0, (1,), 100.0, 0.0, "y"),
+                           (1, (0, 1), 0.0, 0.0, "token")], [20.0, 40.0])[0]
     assert close(log["token"], 1 + 40.0 / 10.0)
 
 
 def test_without_windows_nothing_waits():
-    log = run_windowed([10.0], [0.0], [(0, (0,), 100.0, 0.0, "a"), (0, (0,), 100.0, 0.0, "b"),
-                                       (3, (0,), 0.0, 0.0, "token")])
+    log = run_flows([10.0], [(0, (0,), 100.0, 0.0, "a"), (0, (0,), 100.0, 0.0, "b"),
+                       (3, (0,), 0.0, 0.0, "token")], [0.0])[0]
     assert close(log["a"], 20.0) and close(log["b"], 20.0) and close(log["token"], 3.0)
 
 
