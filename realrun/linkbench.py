@@ -28,7 +28,12 @@ class LinkProbe:
     an empty message to rank 2 over the same outgoing link. The empty message's delay
     beyond the link's latency is the time it waits behind the bulk message's bytes already
     queued on the link (:attr:`simulator.LinkSpec.flow_window`); its send is the span
-    ``send:queue-token->2`` on rank 0 and it arrives when rank 2's iteration ends."""
+    ``send:queue-token->2`` on rank 0 and it arrives when rank 2's iteration ends. ``burst``:
+    rank 2 sends ``filler`` bytes to rank 0, whose outgoing link idles meanwhile, then rank 0
+    sends ``nbytes`` to rank 1: on a link shaped by a token bucket
+    (:attr:`simulator.LinkSpec.burst`) the message starts on a bucket refilled for the
+    filler's time; its send is the span ``send:probe->1`` on rank 0 and, as soon as it has
+    arrived, rank 1 sends an empty ``arrived`` message back (span ``send:arrived->0``)."""
 
     name: ClassVar[str] = "link_probe"
     nbytes: float
@@ -36,10 +41,17 @@ class LinkProbe:
     sizes: tuple = ()
     """Sizes in bytes to cycle through, one per iteration (iteration ``i`` moves
     ``sizes[i % len(sizes)]``); empty: ``nbytes`` every iteration."""
+    filler: float = 4 << 20
+    """Bytes rank 2 sends to rank 0 before each message of the ``burst`` pattern: the idle
+    spell of rank 0's outgoing link is their time on the wire (a bucket larger than this
+    is not seen whole)."""
 
     def __post_init__(self) -> None:
-        if self.pattern not in ("send", "all_reduce", "queue"):
-            raise ValueError(f"LinkProbe.pattern must be 'send', 'all_reduce' or 'queue', got {self.pattern!r}")
+        if self.pattern not in ("send", "all_reduce", "queue", "burst"):
+            raise ValueError(f"LinkProbe.pattern must be 'send', 'all_reduce', 'queue' or 'burst', "
+                             f"got {self.pattern!r}")
+        if not self.filler > 0:
+            raise ValueError(f"LinkProbe.filler must be > 0 bytes, got {self.filler!r}")
         if not self.nbytes > 0:
             raise ValueError(f"LinkProbe.nbytes must be > 0, got {self.nbytes!r}")
         object.__setattr__(self, "sizes", tuple(self.sizes))
@@ -93,8 +105,32 @@ class LinkProbe:
                 yield ctx.send(0, ack, tag=2)
                 yield ctx.recv(0, token, tag=3)
 
+        filler = TensorRef("filler", float(self.filler), "custom")
+        arrived = TensorRef("arrived", 0, "custom")
+
+        def burster(ctx: RankContext):
+            for i in ctx.iterations():
+                yield ctx.recv(1, ack, tag=2)  # the receiver is waiting
+                yield ctx.recv(2, filler, tag=5)  # meanwhile the outgoing link idles
+                yield ctx.send(1, datas[i % len(datas)], tag=1)
+                yield ctx.recv(1, arrived, tag=6)
+
+        def burst_receiver(ctx: RankContext):
+            for i in ctx.iterations():
+                yield ctx.send(0, ack, tag=2)
+                yield ctx.recv(0, datas[i % len(datas)], tag=1)
+                yield ctx.send(0, arrived, tag=6)
+
+        def filler_sender(ctx: RankContext):
+            for _ in ctx.iterations():
+                yield ctx.send(0, filler, tag=5)
+
         if self.pattern == "all_reduce":
             return [reducer] * job.world_size
+        if self.pattern == "burst":
+            if job.world_size < 3:
+                raise ValueError(f"LinkProbe(pattern='burst') needs 3 ranks, got {job.world_size}")
+            return [burster, burst_receiver, filler_sender] + [idle] * (job.world_size - 3)
         if self.pattern == "queue":
             if job.world_size < 3:
                 raise ValueError(f"LinkProbe(pattern='queue') needs 3 ranks, got {job.world_size}")
@@ -102,7 +138,8 @@ class LinkProbe:
         return [sender, receiver] + [idle] * (job.world_size - 2)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "nbytes": self.nbytes, "pattern": self.pattern, "sizes": list(self.sizes)}
+        return {"name": self.name, "nbytes": self.nbytes, "pattern": self.pattern, "sizes": list(self.sizes),
+                "filler": self.filler}
 
 
 def probe(bandwidth, nbytes: float, *, pattern: str = "send", nodes: int | None = None, repeats: int = 5,

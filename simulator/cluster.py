@@ -93,6 +93,10 @@ class Link:
     """Seconds this link adds to a path's latency."""
     window: float = 0.0
     """Flow window in bytes (:attr:`LinkSpec.flow_window`)."""
+    burst: float = 0.0
+    """Token bucket in bytes (:attr:`LinkSpec.burst`)."""
+    burst_bandwidth: float = 0.0
+    """Bytes/s while the bucket holds tokens (:attr:`LinkSpec.burst_bandwidth`)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -389,8 +393,9 @@ class Cluster:
     def _graph(self) -> _Graph:
         links: list[Link] = []
 
-        def add(name: str, bandwidth: float, latency: float, window: float) -> int:
-            links.append(Link(name=name, bandwidth=bandwidth, latency=latency, window=window))
+        def add(name: str, bandwidth: float, latency: float, window: float, shaper: LinkSpec | None = None) -> int:
+            bucket = {} if shaper is None else {"burst": shaper.burst, "burst_bandwidth": shaper.burst_bandwidth}
+            links.append(Link(name=name, bandwidth=bandwidth, latency=latency, window=window, **bucket))
             return len(links) - 1
 
         # Halving is exact in binary floating point, so up + down == the catalogue latency.
@@ -406,16 +411,16 @@ class Cluster:
         for n in range(self.total_nodes):
             if n < self.nodes and has_intra:
                 for g in range(self.gpus_per_node):
-                    gpu_up.append(add(f"node{n}.gpu{g}.{tag}_up", intra_bw, intra_half, intra_w))
-                    gpu_down.append(add(f"node{n}.gpu{g}.{tag}_down", intra_bw, intra_half, intra_w))
+                    gpu_up.append(add(f"node{n}.gpu{g}.{tag}_up", intra_bw, intra_half, intra_w, self.intra))
+                    gpu_down.append(add(f"node{n}.gpu{g}.{tag}_down", intra_bw, intra_half, intra_w, self.intra))
             for j, h in enumerate(self.hosts):
                 if h.node == n:
-                    host_up[j] = add(f"node{n}.host{j}.up", host_bw, host_half, host_w)
-                    host_down[j] = add(f"node{n}.host{j}.down", host_bw, host_half, host_w)
+                    host_up[j] = add(f"node{n}.host{j}.up", host_bw, host_half, host_w, self.host_link)
+                    host_down[j] = add(f"node{n}.host{j}.down", host_bw, host_half, host_w, self.host_link)
             ups, downs = [], []
             for k in range(self.nics_per_node if n < self.nodes else 1):
-                ups.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half, inter_w))
-                downs.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half, inter_w))
+                ups.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half, inter_w, self.inter))
+                downs.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half, inter_w, self.inter))
             nic_up.append(tuple(ups))
             nic_down.append(tuple(downs))
         leaf_up, leaf_down = [], []

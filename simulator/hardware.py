@@ -181,12 +181,27 @@ class LinkSpec:
     left)`` of every flow already on it (:mod:`simulator.network`). 0: no queue, max-min
     sharing from the first byte (the default; right for credit-based fabrics such as
     NVLink and InfiniBand, and for shallow switch buffers)."""
+    burst: float = 0.0
+    """Bytes of a token bucket that shapes the link to ``bandwidth`` (a rate limiter such as
+    ``tc tbf``, or a cloud instance's network allowance): tokens accrue at ``bandwidth`` up
+    to ``burst``, and while the bucket holds any the link runs at ``burst_bandwidth``
+    (:mod:`simulator.network`). A message after an idle spell therefore beats the rate. 0:
+    no bucket, ``bandwidth`` always (the default; a plain wire)."""
+    burst_bandwidth: float = 0.0
+    """Bytes/s the link runs at while its bucket holds tokens; must exceed ``bandwidth``
+    when ``burst`` > 0 (the line rate behind the shaper)."""
 
     def __post_init__(self) -> None:
         _check_name(self.name, "LinkSpec.name")
         _set(self, "bandwidth", units.parse_bandwidth(self.bandwidth, "LinkSpec.bandwidth"))
         _set(self, "latency", units.parse_time(self.latency, "LinkSpec.latency"))
         _set(self, "flow_window", units.parse_bytes(self.flow_window, "LinkSpec.flow_window"))
+        _set(self, "burst", units.parse_bytes(self.burst, "LinkSpec.burst"))
+        if not (isinstance(self.burst_bandwidth, int | float) and self.burst_bandwidth == 0):
+            _set(self, "burst_bandwidth", units.parse_bandwidth(self.burst_bandwidth, "LinkSpec.burst_bandwidth"))
+        if self.burst > 0 and not self.burst_bandwidth > self.bandwidth:
+            raise ValueError(f"LinkSpec.burst_bandwidth must exceed bandwidth ({self.bandwidth!r} B/s) when burst > 0, "
+                             f"got {self.burst_bandwidth!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -32,6 +32,18 @@ Then it shares the link max-min fairly with the rest. A small message on a busy 
 takes the queue's drain time, not its own size over a fair share: latency
 under load. With ``w = 0`` (the default) a flow shares from its first byte.
 Bundles neither wait nor count in a queue.
+
+Token buckets. A link may be shaped by a token bucket of ``burst`` bytes (a
+rate limiter such as ``tc tbf``): tokens accrue at the link's capacity ``R`` up
+to ``burst``, the bytes crossing the link spend them, and while the bucket
+holds any the link runs at its ``peak`` rate ``P > R``. As a fluid: with ``T``
+tokens and throughput ``x`` the bucket changes at ``R - x`` (within
+``[0, burst]``); the link shares ``P`` while ``T > 0`` and ``R`` once it is
+empty, which happens ``T / (x - R)`` after the last rate change (an event).
+A message of ``n`` bytes on an idle link with a full bucket ``B`` therefore
+takes ``n / P`` if ``n <= B P / (P - R)``, else ``B / (P - R) + (n - B P / (P -
+R)) / R = (n - B) / R``. Queues drain at ``R`` (a backlog means the bucket is
+empty). ``burst = 0`` (the default) is a plain link.
 """
 
 from __future__ import annotations
@@ -77,13 +89,16 @@ class Network:
     """Links with capacities, and the flows currently crossing them.
 
     ``capacities[i]`` is link ``i``'s bandwidth in bytes/s; ``windows[i]`` its
-    flow window in bytes (see the module docstring; default 0 everywhere). Per
-    link it counts bytes carried and busy time (time with at least one flow),
-    and keeps the busy intervals for the timeline.
+    flow window in bytes, ``bursts[i]`` its token bucket in bytes and ``peaks[i]``
+    its rate while the bucket holds tokens (see the module docstring; default 0
+    everywhere: no queue, no bucket). Per link it counts bytes carried and busy
+    time (time with at least one flow), and keeps the busy intervals for the
+    timeline.
     """
 
     def __init__(self, env: simpy.Environment, capacities: Sequence[float], *,
-                 windows: Sequence[float] | None = None, record_busy: bool = True):
+                 windows: Sequence[float] | None = None, bursts: Sequence[float] | None = None,
+                 peaks: Sequence[float] | None = None, record_busy: bool = True):
         for i, c in enumerate(capacities):
             if not c > 0:
                 raise ValueError(f"link {i} capacity must be > 0 bytes/s, got {c!r}")
@@ -98,6 +113,22 @@ class Network:
                 raise ValueError(f"link {i} flow window must be >= 0 bytes, got {w!r}")
         self.window = windows
         self._queued = any(w > 0 for w in windows)
+        bursts = [0.0] * n if bursts is None else list(bursts)
+        peaks = [0.0] * n if peaks is None else list(peaks)
+        if len(bursts) != n or len(peaks) != n:
+            raise ValueError(f"bursts and peaks must give one value per link ({n}), got {len(bursts)} and {len(peaks)}")
+        for i, (b, p) in enumerate(zip(bursts, peaks)):
+            if not b >= 0:
+                raise ValueError(f"link {i} burst must be >= 0 bytes, got {b!r}")
+            if b > 0 and not p > self.capacity[i]:
+                raise ValueError(f"link {i} peak must exceed its capacity {self.capacity[i]!r} B/s when its burst "
+                                 f"is > 0, got {p!r}")
+        self.burst = bursts
+        self.peak = peaks
+        self._tokens = list(bursts)  # full buckets at the start
+        self._tokens_at = [0.0] * n
+        self._throughput = [0.0] * n  # bytes/s crossing each link since _tokens_at
+        self._empty_epoch = [0] * n  # invalidates a planned "bucket empty" event
         self._waiting: list[dict[Flow, None]] = [{} for _ in range(n)]  # flows queued behind others
         self.link_flows: list[dict[Flow, None]] = [{} for _ in range(n)]
         self.bytes = [0.0] * n
@@ -121,6 +152,7 @@ class Network:
         """A network over a cluster's links (:attr:`simulator.Cluster.links`): their
         bandwidths and flow windows."""
         return cls(env, [link.bandwidth for link in links], windows=[link.window for link in links],
+                   bursts=[link.burst for link in links], peaks=[link.burst_bandwidth for link in links],
                    record_busy=record_busy)
 
     # public API
@@ -239,10 +271,49 @@ class Network:
     def _recompute(self, _event=None) -> None:
         self._recompute_pending = False
         dirty, self._dirty = self._dirty, {}
+        for link in dirty:  # a link left without flows stops spending its tokens
+            if self.burst[link] > 0 and not self.link_flows[link]:
+                self._advance_tokens(link)
+                self._throughput[link] = 0.0
         flows = self._component(dirty)
         if flows:
             self._assign_rates(flows)
         self._schedule_wake()
+
+    def _advance_tokens(self, link: int) -> None:
+        """Bring ``link``'s bucket up to now at the throughput it has had since its last change."""
+        now = self.env.now
+        dt = now - self._tokens_at[link]
+        if dt > 0:
+            tokens = self._tokens[link] + (self.capacity[link] - self._throughput[link]) * dt
+            self._tokens[link] = min(self.burst[link], max(0.0, tokens))
+            self._tokens_at[link] = now
+
+    def _rate_now(self, link: int) -> float:
+        """The capacity ``link`` shares now: its peak while its bucket holds tokens."""
+        if self.burst[link] > 0:
+            self._advance_tokens(link)
+            if self._tokens[link] > self.burst[link] * 1e-9:
+                return self.peak[link]
+        return self.capacity[link]
+
+    def _watch_bucket(self, link: int) -> None:
+        """After a rate change on a shaped link: plan the instant its bucket runs dry."""
+        self._empty_epoch[link] += 1
+        drain = self._throughput[link] - self.capacity[link]
+        if drain <= 0 or self._tokens[link] <= self.burst[link] * 1e-9:
+            return
+        epoch = self._empty_epoch[link]
+
+        def empty(_event) -> None:
+            if self._empty_epoch[link] != epoch:
+                return  # rates changed since; a later watch holds
+            self._advance_tokens(link)
+            self._tokens[link] = 0.0
+            self._dirty[link] = None
+            self._request_recompute()
+
+        self.env.timeout(self._tokens[link] / drain).callbacks.append(empty)
 
     def _component(self, links) -> list[Flow]:
         """Every active flow connected to ``links`` through shared links, in start order."""
@@ -268,7 +339,7 @@ class Network:
         for f in flows:
             for link in f.path:
                 if link not in spare:
-                    spare[link] = self.capacity[link]
+                    spare[link] = self._rate_now(link)
                     count[link] = len(link_flows[link])
         rate: dict[Flow, float] = {}
         heap = [(spare[k] / count[k], k) for k in spare]
@@ -301,6 +372,10 @@ class Network:
             if r != f.rate:
                 f.set_rate(r, now)
                 heap_push(finish_heap, (f.finish, f.id, f))
+        for link in spare:
+            if self.burst[link] > 0:  # tokens were brought up to now by _rate_now
+                self._throughput[link] = sum(f.rate for f in link_flows[link])
+                self._watch_bucket(link)
 
     def _schedule_wake(self) -> None:
         heap = self._finish_heap

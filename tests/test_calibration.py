@@ -15,9 +15,12 @@ from builders import timed_workload
 import realrun
 from realrun.calibrate import (
     Calibration,
+    bucket_time,
+    burst_delays,
     calibrate,
     compute_batch,
     fit_alpha_beta,
+    fit_burst,
     fit_flow_window,
     profile_layers,
     queue_delays,
@@ -174,6 +177,51 @@ def test_queue_probe_measures_the_flow_window_in_the_simulator():
         assert d == pytest.approx(L + min(W, sizes[i % len(sizes)]) / B)
     rows = [(sizes[i % len(sizes)], d) for i, d in delays.items()]
     assert fit_flow_window(rows, L, B) == pytest.approx(W)
+
+
+def test_bucket_time_is_the_fluid_bucket_closed_form():
+    alpha, R, B, P = 1e-4, 50e6, 175e3, 1e9
+    reach = B * P / (P - R)
+    assert bucket_time(64e3, alpha, R, B, P) == pytest.approx(alpha + 64e3 / P)
+    assert bucket_time(4e6, alpha, R, B, P) == pytest.approx(alpha + (4e6 - B) / R)
+    # continuous where the bucket runs dry
+    assert bucket_time(reach, alpha, R, B, P) == pytest.approx(alpha + (reach - B) / R)
+    assert bucket_time(1e6, alpha, R, 0.0, 0.0) == pytest.approx(alpha + 1e6 / R)
+
+
+def test_burst_fit_recovers_a_known_bucket():
+    alpha, R, B, P = 1e-4, 50e6, 175e3, 4e8
+    sizes = (16384, 65536, 262144, 1 << 20, 4 << 20)
+    rows = [(n, float(bucket_time(n, alpha, R, B, P))) for n in sizes]
+    burst, peak = fit_burst(rows, alpha, R)
+    assert burst == pytest.approx(B, rel=0.03)  # the grid's step: 1/400 of 4 MiB
+    assert peak == pytest.approx(P, rel=0.06)  # the grid's step: 5.9 %
+    # Messages no faster than the rate: no bucket.
+    plain = [(n, alpha + n / R) for n in sizes]
+    assert fit_burst(plain, alpha, R) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="no burst"):
+        fit_burst([], alpha, R)
+
+
+def test_burst_probe_measures_the_bucket_in_the_simulator():
+    """The burst probe run in the simulator on a link with a known bucket: each message
+    follows a filler that idles the sender's outgoing link for longer than the bucket takes
+    to fill, so it crosses in the closed form's time (rendezvous: three latencies), and the
+    fit gives the bucket back."""
+    R, L, B, P = 50e6, 1e-6, 175e3, 4e8
+    sizes = (16384.0, 65536.0, 262144.0, 1 << 20, 4 << 20)
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=3, gpus_per_node=1, inter="10GbE", inter_bandwidth=R,
+                                                 inter_latency=L, inter_burst=B, inter_burst_bandwidth=P),
+                     strategy=LinkProbe(nbytes=sizes[0], pattern="burst", sizes=sizes), batch_size=1,
+                     iterations=2 * len(sizes), eager_limit=0)
+    delays = burst_delays(simulate(exp))
+    assert len(delays) == 2 * len(sizes)
+    for i, d in delays.items():
+        assert d == pytest.approx(bucket_time(sizes[i % len(sizes)], 3 * L, R, B, P))
+    burst, peak = fit_burst([(sizes[i % len(sizes)], d) for i, d in delays.items()], 3 * L, R)
+    assert burst == pytest.approx(B, rel=0.03)
+    assert peak == pytest.approx(P, rel=0.06)
 
 
 def test_profile_gives_the_big_layer_the_time():

@@ -150,6 +150,15 @@ def test_link_validation_names_the_field():
     with pytest.raises(ValueError, match="LinkSpec.flow_window"):
         LinkSpec(name="x", bandwidth=1, latency=0, flow_window=-1)
     assert LinkSpec(name="x", bandwidth=1, latency=0, flow_window="512KB").flow_window == 512e3
+    with pytest.raises(ValueError, match="LinkSpec.burst"):
+        LinkSpec(name="x", bandwidth=1, latency=0, burst=-1)
+    with pytest.raises(ValueError, match="LinkSpec.burst_bandwidth must exceed bandwidth"):
+        LinkSpec(name="x", bandwidth="400Mbps", latency=0, burst="200KB")
+    with pytest.raises(ValueError, match="LinkSpec.burst_bandwidth must exceed bandwidth"):
+        LinkSpec(name="x", bandwidth="400Mbps", latency=0, burst="200KB", burst_bandwidth="300Mbps")
+    shaped = LinkSpec(name="x", bandwidth="400Mbps", latency=0, burst="200KB", burst_bandwidth="10Gbps")
+    assert (shaped.burst, shaped.burst_bandwidth) == (200e3, 1.25e9)
+    assert LinkSpec.from_dict(shaped.to_dict()) == shaped
 
 
 def test_devices_are_immutable_hashable_picklable_and_round_trip():

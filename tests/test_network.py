@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from simulator.network import Network
 
 
-def run_flows(capacities, flows, windows=None):
+def run_flows(capacities, flows, windows=None, bursts=None, peaks=None):
     """flows: (start, path, nbytes, latency, label). Returns {label: finish time}."""
     env = simpy.Environment()
-    net = Network(env, capacities, windows=windows)
+    net = Network(env, capacities, windows=windows, bursts=bursts, peaks=peaks)
     log = {}
 
     def starter(start, path, nbytes, latency, label):
@@ -185,3 +185,61 @@ def test_rejects_bad_windows():
         Network(env, [1.0, 2.0], windows=[0.0])
     with pytest.raises(ValueError, match="flow window"):
         Network(env, [1.0], windows=[-1.0])
+
+
+# Token buckets: closed forms of a fluid bucket of B bytes refilled at R, link at P while it
+# holds tokens. A lone flow of n bytes on an idle link: n / P while n <= B P / (P - R),
+# else (n - B) / R.
+R, P, BUCKET = 50e6, 1e9, 200e3
+
+
+@pytest.mark.parametrize("n", [64e3, 0.5 * BUCKET * P / (P - R), BUCKET * P / (P - R), 1e6, 4e6])
+def test_a_lone_flow_on_a_full_bucket(n):
+    log, _ = run_flows([R], [(0, (0,), n, 0.0, "f")], bursts=[BUCKET], peaks=[P])
+    expect = n / P if n <= BUCKET * P / (P - R) else (n - BUCKET) / R
+    assert close(log["f"], expect)
+
+
+def test_the_bucket_refills_at_the_rate_while_idle():
+    # 1 MB empties the bucket (done at (1e6 - B) / R); an idle gap g refills R g bytes; the
+    # next 100 kB message spends them at P, then the rest at R.
+    g = 1e-3
+    first = (1e6 - BUCKET) / R
+    tokens = R * g  # 50 kB, less than the bucket
+    burst_bytes = tokens * P / (P - R)  # sent at P before the bucket is dry
+    second = burst_bytes / P + (100e3 - burst_bytes) / R
+    log, _ = run_flows([R], [(0, (0,), 1e6, 0.0, "a"), (first + g, (0,), 100e3, 0.0, "b")],
+                       bursts=[BUCKET], peaks=[P])
+    assert close(log["a"], first)
+    assert close(log["b"], first + g + second)
+
+
+def test_a_path_runs_at_its_slowest_link_and_spends_only_what_crosses():
+    # Link 0 has no bucket (R), link 1 a bucket: the flow crosses at R, so link 1's bucket
+    # never drains; a second flow on link 1 alone later still finds it full.
+    log, _ = run_flows([R, R], [(0, (0, 1), 1e6, 0.0, "a"), (0.001, (1,), 100e3, 0.0, "b")],
+                       bursts=[0.0, BUCKET], peaks=[0.0, P])
+    # b shares link 1 at P with a (held to R by link 0): b gets P - R.
+    assert close(log["b"], 0.001 + 100e3 / (P - R))
+    assert close(log["a"], 1e6 / R)
+
+
+def test_two_flows_share_the_peak_then_the_rate():
+    # Two equal flows start together: they share P until the bucket is dry at B / (P - R),
+    # then R; each carries half.
+    n = 1e6
+    t_dry = BUCKET / (P - R)
+    sent = P * t_dry
+    log, _ = run_flows([R], [(0, (0,), n, 0.0, "a"), (0, (0,), n, 0.0, "b")], bursts=[BUCKET], peaks=[P])
+    expect = t_dry + (2 * n - sent) / R
+    assert close(log["a"], expect) and close(log["b"], expect)
+
+
+def test_rejects_bad_buckets():
+    env = simpy.Environment()
+    with pytest.raises(ValueError, match="one value per link"):
+        Network(env, [1.0, 2.0], bursts=[0.0], peaks=[0.0, 0.0])
+    with pytest.raises(ValueError, match="burst must be >= 0"):
+        Network(env, [1.0], bursts=[-1.0], peaks=[2.0])
+    with pytest.raises(ValueError, match="peak must exceed"):
+        Network(env, [1.0], bursts=[10.0], peaks=[1.0])

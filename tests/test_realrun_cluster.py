@@ -162,3 +162,25 @@ def test_cli_realrun_local_and_a_bad_file(tmp_path):
                           capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
     assert "algorithm" in done.stderr
+
+
+def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
+    """The links' calibration with the bucket probe on: every pattern measured at every
+    size, the rate within 10 % of tbf's, and no bucket fitted beyond what tbf holds
+    (``EmulatedCluster.burst_seconds`` of the rate)."""
+    need_root()
+    from realrun.calibrate import calibrate_link
+
+    rate = 50e6
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE", inter_bandwidth=rate),
+                     strategy=AllReduceSGD(), batch_size=1, iterations=3)
+    sizes = (65536, 1 << 20)
+    launcher = realrun.EmulatedCluster()
+    link, table = calibrate_link(exp, launcher, sizes=sizes, repeats=2, bucket=True)
+    assert sorted(table.groupby("pattern").size().items()) == [(p, 2) for p in ("all_reduce", "burst", "queue", "send")]
+    assert (table.loc[table["pattern"] != "queue", "seconds"] > 0).all()
+    assert link.bandwidth == pytest.approx(rate, rel=0.1)
+    assert 0 <= link.burst <= rate * launcher.burst_seconds * 1.05
+    with pytest.raises(ValueError, match="bucket must be True or False"):
+        calibrate_link(exp, launcher, bucket="yes")
