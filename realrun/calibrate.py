@@ -309,7 +309,7 @@ def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 2
             elif pattern == "queue":
                 messages, wire = 1, 0.0  # one empty message (and what it waits behind)
             elif pattern == "burst":
-                messages, wire = 1, size  # one message after an idle spell
+                messages, wire = 2, size  # one message after an idle spell, and the answer
             else:
                 messages, wire = 2 * (world - 1), 2 * (world - 1) / world * size
             rows.append((pattern, float(size), world, messages, wire, statistics.median(times)))
@@ -327,13 +327,15 @@ def queue_delays(result) -> pd.Series:
 
 def burst_delays(result) -> pd.Series:
     """Per iteration of a :class:`~realrun.linkbench.LinkProbe` ``burst`` run (real or
-    simulated), the message's seconds from its send on rank 0 to rank 1's answer once it
-    has arrived (the n-th of each, in time order)."""
-    tl = result.timeline
-    sent = tl[(tl["rank"] == 0) & (tl["name"] == "send:probe->1")]["start"].sort_values().to_numpy()
-    back = tl[(tl["rank"] == 1) & (tl["name"] == "send:arrived->0")]["start"].sort_values().to_numpy()
-    n = min(len(sent), len(back))
-    return pd.Series(back[:n] - sent[:n], index=pd.RangeIndex(n, name="iteration"))
+    simulated), seconds from the message's send on rank 0 to the end of rank 0's
+    iteration, when rank 1's empty answer to its arrival is in: one rank's clock (realrun's
+    ranks start their clocks at a barrier, which they leave up to milliseconds apart)."""
+    tl, it = result.timeline, result.iterations
+    sent = np.sort(tl[(tl["rank"] == 0) & (tl["name"] == "send:probe->1")]["start"].to_numpy())
+    ends = np.sort(it[it["rank"] == 0]["end"].to_numpy())
+    at = np.searchsorted(ends, sent)
+    ok = at < len(ends)
+    return pd.Series(ends[at[ok]] - sent[ok], index=pd.RangeIndex(int(ok.sum()), name="iteration"))
 
 
 def bucket_time(size, alpha: float, beta: float, burst: float, peak: float):
@@ -407,11 +409,11 @@ def calibrate_link(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 
     queue = table["pattern"] == "queue"
     window = fit_flow_window(list(zip(table.loc[queue, "size"], table.loc[queue, "seconds"])), alpha, beta)
     bursty = table["pattern"] == "burst"
-    burst, peak = fit_burst(list(zip(table.loc[bursty, "size"], table.loc[bursty, "seconds"])), alpha, beta) \
-        if bucket else (0.0, 0.0)
+    burst, peak = fit_burst(list(zip(table.loc[bursty, "size"], table.loc[bursty, "seconds"])), 2 * alpha,
+                            beta) if bucket else (0.0, 0.0)
     table["predicted"] = table["messages"] * alpha + table["wire_bytes"] / beta
     table.loc[queue, "predicted"] = alpha + np.minimum(window, table.loc[queue, "size"]) / beta
-    table.loc[bursty, "predicted"] = bucket_time(table.loc[bursty, "size"], alpha, beta, burst, peak)
+    table.loc[bursty, "predicted"] = bucket_time(table.loc[bursty, "size"], 2 * alpha, beta, burst, peak)
     return LinkSpec(name="measured-link", bandwidth=beta, latency=alpha, flow_window=window, burst=burst,
                     burst_bandwidth=peak), table
 

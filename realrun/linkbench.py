@@ -33,7 +33,8 @@ class LinkProbe:
     sends ``nbytes`` to rank 1: on a link shaped by a token bucket
     (:attr:`simulator.LinkSpec.burst`) the message starts on a bucket refilled for the
     filler's time; its send is the span ``send:probe->1`` on rank 0 and, as soon as it has
-    arrived, rank 1 sends an empty ``arrived`` message back (span ``send:arrived->0``)."""
+    arrived, rank 1 sends an empty ``arrived`` message back, which ends rank 0's
+    iteration."""
 
     name: ClassVar[str] = "link_probe"
     nbytes: float

@@ -206,8 +206,9 @@ def test_burst_fit_recovers_a_known_bucket():
 def test_burst_probe_measures_the_bucket_in_the_simulator():
     """The burst probe run in the simulator on a link with a known bucket: each message
     follows a filler that idles the sender's outgoing link for longer than the bucket takes
-    to fill, so it crosses in the closed form's time (rendezvous: three latencies), and the
-    fit gives the bucket back."""
+    to fill, so it crosses in the closed form's time (rendezvous: three latencies, and one
+    for the empty answer that ends the measurement, which fits the eager limit of 0), and
+    the fit gives the bucket back."""
     R, L, B, P = 50e6, 1e-6, 175e3, 4e8
     sizes = (16384.0, 65536.0, 262144.0, 1 << 20, 4 << 20)
     exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
@@ -218,8 +219,8 @@ def test_burst_probe_measures_the_bucket_in_the_simulator():
     delays = burst_delays(simulate(exp))
     assert len(delays) == 2 * len(sizes)
     for i, d in delays.items():
-        assert d == pytest.approx(bucket_time(sizes[i % len(sizes)], 3 * L, R, B, P))
-    burst, peak = fit_burst([(sizes[i % len(sizes)], d) for i, d in delays.items()], 3 * L, R)
+        assert d == pytest.approx(bucket_time(sizes[i % len(sizes)], 4 * L, R, B, P))
+    burst, peak = fit_burst([(sizes[i % len(sizes)], d) for i, d in delays.items()], 4 * L, R)
     assert burst == pytest.approx(B, rel=0.03)
     assert peak == pytest.approx(P, rel=0.06)
 

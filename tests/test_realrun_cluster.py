@@ -175,10 +175,9 @@ def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
     exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
                      cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE", inter_bandwidth=rate),
                      strategy=AllReduceSGD(), batch_size=1, iterations=3)
-    sizes = (65536, 1 << 20)
     launcher = realrun.EmulatedCluster()
-    link, table = calibrate_link(exp, launcher, sizes=sizes, repeats=2, bucket=True)
-    assert sorted(table.groupby("pattern").size().items()) == [(p, 2) for p in ("all_reduce", "burst", "queue", "send")]
+    link, table = calibrate_link(exp, launcher, repeats=2, bucket=True)
+    assert sorted(table.groupby("pattern").size().items()) == [(p, 4) for p in ("all_reduce", "burst", "queue", "send")]
     assert (table.loc[table["pattern"] != "queue", "seconds"] > 0).all()
     assert link.bandwidth == pytest.approx(rate, rel=0.1)
     assert 0 <= link.burst <= rate * launcher.burst_seconds * 1.05
