@@ -341,12 +341,12 @@ def burst_delays(result) -> pd.Series:
 def bucket_time(size, alpha: float, beta: float, burst: float, peak: float):
     """Seconds for ``size`` bytes to cross an idle link of latency ``alpha`` and rate ``beta``
     whose token bucket of ``burst`` bytes is full and lets it run at ``peak`` (the closed
-    form in :mod:`simulator.network`)."""
-    size = np.asarray(size, dtype=float)
-    if burst <= 0:
-        return alpha + size / beta
-    reach = burst * peak / (peak - beta)  # bytes sent by the time the bucket is dry
-    return alpha + np.where(size <= reach, size / peak, (size - burst) / beta)
+    form in :mod:`simulator.network`); arrays broadcast."""
+    size, burst, peak = (np.asarray(x, dtype=float) for x in (size, burst, peak))  # any broadcastable shapes
+    with np.errstate(divide="ignore", invalid="ignore"):
+        reach = burst * peak / (peak - beta)  # bytes sent by the time the bucket is dry
+        shaped = np.where(size <= reach, size / peak, (size - burst) / beta)
+    return alpha + np.where(burst > 0, shaped, size / beta)
 
 
 def fit_burst(burst_rows, alpha: float, beta: float) -> tuple[float, float]:
@@ -361,15 +361,15 @@ def fit_burst(burst_rows, alpha: float, beta: float) -> tuple[float, float]:
         raise ValueError("fit_burst: no burst measurements")
     sizes = np.array([s for s, _ in rows])
     seconds = np.array([t for _, t in rows])
+    if not np.all(seconds > 0):
+        raise ValueError(f"fit_burst: every message's seconds must be > 0, got {seconds.tolist()}")
     if np.all(seconds >= 0.95 * (alpha + sizes / beta)):
         return 0.0, 0.0
-    best = (float("inf"), 0.0, 0.0)
-    for burst in np.linspace(0.0, sizes.max(), 401)[1:]:
-        for peak in beta * np.geomspace(1.25, 1000.0, 121):
-            err = float(np.sum(np.log(bucket_time(sizes, alpha, beta, burst, peak) / seconds) ** 2))
-            if err < best[0]:
-                best = (err, float(burst), float(peak))
-    return best[1], best[2]
+    bursts = np.linspace(0.0, sizes.max(), 401)[1:, None, None]
+    peaks = beta * np.geomspace(1.25, 1000.0, 121)[None, :, None]
+    err = np.sum(np.log(bucket_time(sizes, alpha, beta, bursts, peaks) / seconds) ** 2, axis=2)
+    i, j = np.unravel_index(int(np.argmin(err)), err.shape)
+    return float(bursts[i, 0, 0]), float(peaks[0, j, 0])
 
 
 def fit_flow_window(queue_rows, alpha: float, beta: float, min_size: float = 1 << 20) -> float:
@@ -398,9 +398,9 @@ def calibrate_link(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 
 
     ``bucket`` is off by default: the emulated cluster's tbf bucket is real (a lone gloo
     message after 5 ms idle beat the rate by 175 KB's worth at 400 Mbit/s, 200 KB
-    configured), but the probe, run through realrun, has not seen it reliably yet (a fit
-    of 84 KB in one calibration, none in the next), and the matrix's parameter servers
-    came out 10-30 % fast with it (see the README, Validate)."""
+    configured; this probe, run through realrun, fits 84-94 KB), but with a bucket of that
+    size the matrix's parameter servers came out 10-30 % fast: a message's CPU time on busy
+    cores, which the model lacks, was offsetting it (see the README, Validate)."""
     if not isinstance(bucket, bool):
         raise ValueError(f"calibrate_link: bucket must be True or False, got {bucket!r}")
     table = measure_links(experiment, launcher, sizes=sizes, repeats=repeats, bucket=bucket)

@@ -33,8 +33,7 @@ class LinkProbe:
     sends ``nbytes`` to rank 1: on a link shaped by a token bucket
     (:attr:`simulator.LinkSpec.burst`) the message starts on a bucket refilled for the
     filler's time; its send is the span ``send:probe->1`` on rank 0 and, as soon as it has
-    arrived, rank 1 sends an empty ``arrived`` message back, which ends rank 0's
-    iteration."""
+    arrived, rank 1 sends an empty acknowledgement back, which ends rank 0's iteration."""
 
     name: ClassVar[str] = "link_probe"
     nbytes: float
@@ -107,20 +106,13 @@ class LinkProbe:
                 yield ctx.recv(0, token, tag=3)
 
         filler = TensorRef("filler", float(self.filler), "custom")
-        arrived = TensorRef("arrived", 0, "custom")
 
-        def burster(ctx: RankContext):
+        def burster(ctx: RankContext):  # rank 1 runs bulk_receiver
             for i in ctx.iterations():
                 yield ctx.recv(1, ack, tag=2)  # the receiver is waiting
                 yield ctx.recv(2, filler, tag=5)  # meanwhile the outgoing link idles
                 yield ctx.send(1, datas[i % len(datas)], tag=1)
-                yield ctx.recv(1, arrived, tag=6)
-
-        def burst_receiver(ctx: RankContext):
-            for i in ctx.iterations():
-                yield ctx.send(0, ack, tag=2)
-                yield ctx.recv(0, datas[i % len(datas)], tag=1)
-                yield ctx.send(0, arrived, tag=6)
+                yield ctx.recv(1, ack, tag=4)  # it has arrived
 
         def filler_sender(ctx: RankContext):
             for _ in ctx.iterations():
@@ -131,7 +123,7 @@ class LinkProbe:
         if self.pattern == "burst":
             if job.world_size < 3:
                 raise ValueError(f"LinkProbe(pattern='burst') needs 3 ranks, got {job.world_size}")
-            return [burster, burst_receiver, filler_sender] + [idle] * (job.world_size - 3)
+            return [burster, bulk_receiver, filler_sender] + [idle] * (job.world_size - 3)
         if self.pattern == "queue":
             if job.world_size < 3:
                 raise ValueError(f"LinkProbe(pattern='queue') needs 3 ranks, got {job.world_size}")

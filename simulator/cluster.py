@@ -393,9 +393,11 @@ class Cluster:
     def _graph(self) -> _Graph:
         links: list[Link] = []
 
-        def add(name: str, bandwidth: float, latency: float, window: float, shaper: LinkSpec | None = None) -> int:
-            bucket = {} if shaper is None else {"burst": shaper.burst, "burst_bandwidth": shaper.burst_bandwidth}
-            links.append(Link(name=name, bandwidth=bandwidth, latency=latency, window=window, **bucket))
+        def add(name: str, bandwidth: float, latency: float, spec: LinkSpec, shaped: bool = True) -> int:
+            """A link of kind ``spec`` (its flow window; its token bucket if ``shaped``: a
+            node's port, not a fabric link)."""
+            bucket = {"burst": spec.burst, "burst_bandwidth": spec.burst_bandwidth} if shaped else {}
+            links.append(Link(name=name, bandwidth=bandwidth, latency=latency, window=spec.flow_window, **bucket))
             return len(links) - 1
 
         # Halving is exact in binary floating point, so up + down == the catalogue latency.
@@ -407,20 +409,19 @@ class Cluster:
         host_up: list[int] = [-1] * len(self.hosts)
         host_down: list[int] = [-1] * len(self.hosts)
         host_bw, host_half = self.host_link.bandwidth, self.host_link.latency / 2
-        intra_w, inter_w, host_w = self.intra.flow_window, self.inter.flow_window, self.host_link.flow_window
         for n in range(self.total_nodes):
             if n < self.nodes and has_intra:
                 for g in range(self.gpus_per_node):
-                    gpu_up.append(add(f"node{n}.gpu{g}.{tag}_up", intra_bw, intra_half, intra_w, self.intra))
-                    gpu_down.append(add(f"node{n}.gpu{g}.{tag}_down", intra_bw, intra_half, intra_w, self.intra))
+                    gpu_up.append(add(f"node{n}.gpu{g}.{tag}_up", intra_bw, intra_half, self.intra))
+                    gpu_down.append(add(f"node{n}.gpu{g}.{tag}_down", intra_bw, intra_half, self.intra))
             for j, h in enumerate(self.hosts):
                 if h.node == n:
-                    host_up[j] = add(f"node{n}.host{j}.up", host_bw, host_half, host_w, self.host_link)
-                    host_down[j] = add(f"node{n}.host{j}.down", host_bw, host_half, host_w, self.host_link)
+                    host_up[j] = add(f"node{n}.host{j}.up", host_bw, host_half, self.host_link)
+                    host_down[j] = add(f"node{n}.host{j}.down", host_bw, host_half, self.host_link)
             ups, downs = [], []
             for k in range(self.nics_per_node if n < self.nodes else 1):
-                ups.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half, inter_w, self.inter))
-                downs.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half, inter_w, self.inter))
+                ups.append(add(f"node{n}.nic{k}.up", inter_bw, inter_half, self.inter))
+                downs.append(add(f"node{n}.nic{k}.down", inter_bw, inter_half, self.inter))
             nic_up.append(tuple(ups))
             nic_down.append(tuple(downs))
         leaf_up, leaf_down = [], []
@@ -431,8 +432,8 @@ class Cluster:
             per_spine = aggregate / topo.oversubscription / topo.spines
             for leaf in range(leaves):
                 for sp in range(topo.spines):
-                    leaf_up.append(add(f"leaf{leaf}->spine{sp}", per_spine, topo.hop_latency, inter_w))
-                    leaf_down.append(add(f"spine{sp}->leaf{leaf}", per_spine, topo.hop_latency, inter_w))
+                    leaf_up.append(add(f"leaf{leaf}->spine{sp}", per_spine, topo.hop_latency, self.inter, shaped=False))
+                    leaf_down.append(add(f"spine{sp}->leaf{leaf}", per_spine, topo.hop_latency, self.inter, shaped=False))
         return _Graph(tuple(links), tuple(gpu_up), tuple(gpu_down), tuple(nic_up),
                       tuple(nic_down), tuple(host_up), tuple(host_down), tuple(leaf_up), tuple(leaf_down))
 

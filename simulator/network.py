@@ -150,7 +150,7 @@ class Network:
     @classmethod
     def for_links(cls, env: simpy.Environment, links, *, record_busy: bool = True) -> Network:
         """A network over a cluster's links (:attr:`simulator.Cluster.links`): their
-        bandwidths and flow windows."""
+        bandwidths, flow windows and token buckets."""
         return cls(env, [link.bandwidth for link in links], windows=[link.window for link in links],
                    bursts=[link.burst for link in links], peaks=[link.burst_bandwidth for link in links],
                    record_busy=record_busy)

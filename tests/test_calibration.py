@@ -201,6 +201,8 @@ def test_burst_fit_recovers_a_known_bucket():
     assert fit_burst(plain, alpha, R) == (0.0, 0.0)
     with pytest.raises(ValueError, match="no burst"):
         fit_burst([], alpha, R)
+    with pytest.raises(ValueError, match="seconds must be > 0"):
+        fit_burst([(65536, -1e-3)], alpha, R)
 
 
 def test_burst_probe_measures_the_bucket_in_the_simulator():
