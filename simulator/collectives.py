@@ -56,6 +56,8 @@ class _Bundle:
     link_bytes: tuple[float, ...]
     nbytes: float
     latency: float
+    steps: int
+    """The schedule's steps the bundle stands for (messages on its critical path)."""
 
 
 @lru_cache(maxsize=256)
@@ -129,7 +131,7 @@ class CollectiveRunner:
                 on_rank_done(i)
             return
         b = bundles[k]
-        done = self.network.transfer(b.path, b.nbytes, b.latency, link_bytes=b.link_bytes)
+        done = self.network.transfer(b.path, b.nbytes, b.latency, link_bytes=b.link_bytes, messages=b.steps)
         self.transfers += 1
         done.callbacks.append(lambda _e: self._run_chain(bundles, k + 1, p, on_rank_done))
 
@@ -205,7 +207,8 @@ class CollectiveRunner:
         path = tuple(link_bytes)
         # The bundle drains at its most constrained link; the rest of the time is latency.
         assert min(cluster.links[i].bandwidth for i in path) == b
-        bundle = _Bundle(path, tuple(link_bytes[i] for i in path), run_bytes, max(total - run_bytes / b, 0.0))
+        bundle = _Bundle(path, tuple(link_bytes[i] for i in path), run_bytes, max(total - run_bytes / b, 0.0),
+                         sum(ph.repeat for ph in run))
         return bundle, len(set(zip(lat.tolist(), bw.tolist(), strict=True))) == 1, everyone
 
 

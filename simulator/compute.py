@@ -109,6 +109,14 @@ class ComputeModel:
     time-share ``n`` processor cores (an emulated cluster on one machine): while ``k``
     compute ops are in progress each advances at ``min(1, n / k)`` of its own speed, as
     an operating system's fair scheduler shares cores (processor sharing)."""
+    message_delay: tuple[float, ...] = ()
+    """Seconds each message spends in its hosts' software beyond its path's latency (a
+    thread woken by the operating system, the copies in and out), by how many of the
+    ``shared_cores`` are busy computing when it starts: entry ``b`` for ``b`` busy cores, the
+    last entry for more (without ``shared_cores``, entry 0). On a machine whose cores the
+    ranks oversubscribe a small message's round trip grows from a fraction of a
+    millisecond to several; :func:`realrun.calibrate_link` measures it with ``b`` cores
+    kept busy. Empty: no delay."""
     cost_scale: Mapping[str, float] = field(default_factory=dict)
     """Measured over modelled time of compressors' work, keyed ``"<compressor>.encode"`` or
     ``"<compressor>.decode"`` (e.g. ``{"topk.encode": 6.0}``): the roofline of a
@@ -170,6 +178,12 @@ class ComputeModel:
         object.__setattr__(self, "cost_scale", scales)
         if isinstance(self.shared_cores, bool) or not isinstance(self.shared_cores, int) or self.shared_cores < 0:
             raise ValueError(f"compute.shared_cores must be an integer >= 0 (0: no sharing), got {self.shared_cores!r}")
+        if isinstance(self.message_delay, str | Mapping) or not isinstance(self.message_delay, tuple | list):
+            raise ValueError(f"compute.message_delay must be a list of seconds by busy cores, got {self.message_delay!r}")
+        for b, d in enumerate(self.message_delay):
+            if isinstance(d, bool) or not (isinstance(d, int | float) and 0 <= d and math.isfinite(d)):
+                raise ValueError(f"compute.message_delay[{b}] must be seconds >= 0, got {d!r}")
+        object.__setattr__(self, "message_delay", tuple(float(d) for d in self.message_delay))
 
     def to_dict(self) -> dict:
         return {
@@ -180,6 +194,7 @@ class ComputeModel:
             "stragglers": {str(k): v for k, v in self.stragglers.items()},
             "slowdowns": [dataclasses.asdict(w) for w in self.slowdowns],
             "shared_cores": self.shared_cores,
+            "message_delay": list(self.message_delay),
             "cost_scale": dict(self.cost_scale),
         }
 
@@ -390,6 +405,11 @@ class SharedCores:
         self._left: dict = {}  # event -> work seconds left
         self._since = 0.0
         self._token = 0
+
+    @property
+    def busy(self) -> int:
+        """Cores busy now: ops in progress, at most ``cores``."""
+        return min(len(self._left), self.cores)
 
     def _rate(self) -> float:
         return min(1.0, self.cores / len(self._left)) if self._left else 1.0

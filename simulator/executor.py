@@ -97,6 +97,9 @@ class _Simulation:
         )
         cores = experiment.compute.shared_cores
         self.cores = SharedCores(env, cores) if cores else None
+        delays = experiment.compute.message_delay
+        if delays:
+            self.network.message_delay = lambda: delays[min(self.cores.busy if self.cores else 0, len(delays) - 1)]
         self._cost_scale = experiment.compute.cost_scale
         self.job = experiment.job()
         self.everyone = tuple(range(world))

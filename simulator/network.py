@@ -146,6 +146,10 @@ class Network:
         self.flows_started = 0
         self.bundles_contended = 0
         """Bundles that shared a link with another flow: there the fast path is approximate."""
+        self.message_delay = None
+        """None, or a function of no arguments giving the seconds each message of a transfer
+        starting now spends in its hosts' software beyond the path latency (see
+        :attr:`simulator.ComputeModel.message_delay`)."""
 
     @classmethod
     def for_links(cls, env: simpy.Environment, links, *, record_busy: bool = True) -> Network:
@@ -164,16 +168,21 @@ class Network:
         *,
         link_bytes: Sequence[float] | None = None,
         on_drain=None,
+        messages: int = 1,
     ) -> simpy.Event:
         """Start a flow now; the returned event fires when its last byte has arrived.
 
         ``on_drain()``, if given, is called when the last byte has left the sender
-        (before the path latency): a sender is free from then on.
+        (before the path latency): a sender is free from then on. ``messages``: how many
+        messages the flow stands for (a bundle of a collective's steps), each delayed by
+        :attr:`message_delay` once.
         """
         if not nbytes >= 0:
             raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
         if not latency >= 0:
             raise ValueError(f"latency must be >= 0, got {latency!r}")
+        if self.message_delay is not None:
+            latency += messages * self.message_delay()
         env = self.env
         done = env.event()
         self.flows_started += 1

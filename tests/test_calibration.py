@@ -5,6 +5,8 @@ processes, and the validation table's arithmetic."""
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import pandas as pd
@@ -22,8 +24,10 @@ from realrun.calibrate import (
     fit_alpha_beta,
     fit_burst,
     fit_flow_window,
+    fit_message_delay,
     profile_layers,
     queue_delays,
+    simulated_round_trip,
 )
 from realrun.linkbench import LinkProbe
 from realrun.validate import VALIDATION_COLUMNS, compare, error_summary, steady_metrics, validate
@@ -31,6 +35,7 @@ from simulator import Cluster, ComputeModel, Experiment, Workload, simulate
 from simulator.compute import SharedCores
 from simulator.results import RunResult
 from strategies import AllReduceSGD, PipelineParallel
+from strategies.ops import TensorRef
 
 # ------------------------------------------------------------------ shared cores
 
@@ -118,6 +123,124 @@ def test_cost_scale_multiplies_compressor_spans():
 
     np.testing.assert_allclose(spans(scaled, "encode"), 3.0 * spans(base, "encode"), rtol=1e-9)
     np.testing.assert_allclose(spans(scaled, "decode"), 0.5 * spans(base, "decode"), rtol=1e-9)
+
+
+# ------------------------------------------------------------------ message delay
+
+_S, _B, _L = 1e6, 1.25e8, 2e-4  # bytes, bytes/s, seconds
+
+
+@dataclass(frozen=True)
+class _SendBesideCompute:
+    """Ranks 0 .. computing-1 run a long forward from t=0; rank ``computing`` sends ``_S``
+    bytes to the next rank meanwhile (processes start in rank order, so the computing ranks'
+    ops are in progress when the message starts)."""
+
+    name: ClassVar[str] = "send_beside_compute"
+    computing: int
+
+    def programs(self, job):
+        data = TensorRef("data", _S, "custom")
+
+        def compute(ctx):
+            for _ in ctx.iterations():
+                yield ctx.forward((0, job.num_layers))
+
+        def sender(ctx):
+            for _ in ctx.iterations():
+                yield ctx.send(self.computing + 1, data, tag=1)
+
+        def receiver(ctx):
+            for _ in ctx.iterations():
+                yield ctx.recv(self.computing, data, tag=1)
+
+        return [compute] * self.computing + [sender, receiver]
+
+    def to_dict(self):
+        return {"name": self.name, "computing": self.computing}
+
+
+def _arrival(computing: int, compute: ComputeModel) -> float:
+    exp = Experiment(workload=timed_workload(fwd=1.0, bwd=1.0, batch=8),
+                     cluster=Cluster.homogeneous(nodes=computing + 2, gpus_per_node=1, gpu="cpu-core",
+                                                 inter="10GbE", inter_bandwidth=_B, inter_latency=_L),
+                     strategy=_SendBesideCompute(computing), batch_size=8, iterations=1, compute=compute)
+    tl = simulate(exp).timeline
+    return float(tl.loc[tl["name"].str.startswith("send:"), "end"].iloc[0])
+
+
+def test_message_delay_by_busy_cores():
+    delays = (1e-3, 5e-3, 2e-3)
+    # A message takes L + S/B, plus the delay of the cores busy when it starts; the last
+    # entry serves more busy cores than it lists, and the cores can be busier than there are.
+    for computing, expected in ((0, delays[0]), (1, delays[1]), (2, delays[2]), (3, delays[2])):
+        got = _arrival(computing, ComputeModel(shared_cores=2, message_delay=delays))
+        assert got == pytest.approx(_L + _S / _B + expected, rel=1e-9), computing
+    # Without shared cores every message takes entry 0; with no table, none.
+    assert _arrival(1, ComputeModel(message_delay=delays)) == pytest.approx(_L + _S / _B + delays[0], rel=1e-9)
+    assert _arrival(1, ComputeModel(shared_cores=2)) == pytest.approx(_L + _S / _B, rel=1e-9)
+
+
+def _all_reduce_time(p: int, model: str, delay: tuple) -> float:
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=p, gpus_per_node=1, inter="10GbE", inter_bandwidth=_B,
+                                                 inter_latency=_L),
+                     strategy=LinkProbe(nbytes=_S, pattern="all_reduce"), batch_size=1, iterations=1,
+                     collective_model=model, compute=ComputeModel(message_delay=delay))
+    return float(simulate(exp).iterations["duration"].max())
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_message_delay_once_per_step_of_a_ring_all_reduce(p):
+    # A ring all-reduce is 2(p - 1) steps, each on the critical path: stepped and bundled
+    # (the closed-form fast path) both pay the delay once per step.
+    d = 3e-3
+    for model in ("stepped", "auto"):
+        extra = _all_reduce_time(p, model, (d,)) - _all_reduce_time(p, model, ())
+        assert extra == pytest.approx(2 * (p - 1) * d, rel=1e-9), model
+
+
+def test_compute_model_rejects_bad_message_delay():
+    for bad, field in ((-1e-3,), r"message_delay\[0\]"), ((1e-3, float("nan")), r"message_delay\[1\]"), \
+            ("1ms", "message_delay must be a list"), ({"0": 1e-3}, "message_delay must be a list"):
+        with pytest.raises(ValueError, match=field):
+            ComputeModel(message_delay=bad)
+    model = ComputeModel(shared_cores=2, message_delay=[1e-4, 2e-3, 1e-3])
+    assert model.message_delay == (1e-4, 2e-3, 1e-3)
+    assert ComputeModel(**model.to_dict()) == model
+
+
+def test_message_delay_fit_recovers_the_simulated_round_trips():
+    # "Measured" round trips simulated with a known delay per busy-cores entry: the fit
+    # gives the delays back. The probe computes nothing, so each row's delay is entry 0 of
+    # a one-entry table, as measuring with b other processes busy would see entry b.
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1), strategy=AllReduceSGD(),
+                     batch_size=1, iterations=2)
+    link = exp.cluster.inter
+    known = (2e-4, 3e-3, 1.1e-3)
+    measured = [simulated_round_trip(exp, link, 4096, message_delay=(d,)) for d in known]
+    baseline = simulated_round_trip(exp, link, 4096)
+    table = pd.DataFrame({"busy": [2, 0, 1], "size": 4096.0, "seconds": [measured[2], measured[0], measured[1]]})
+    assert fit_message_delay(table, baseline) == pytest.approx(known, rel=1e-9)
+    # A round trip faster than the link's: no negative delay.
+    fast = pd.DataFrame({"busy": [0], "size": 4096.0, "seconds": [0.5 * baseline]})
+    assert fit_message_delay(fast, baseline) == (0.0,)
+    with pytest.raises(ValueError, match="busy = 0, 1"):
+        fit_message_delay(table[table["busy"] > 0], baseline)
+    with pytest.raises(ValueError, match="baseline"):
+        fit_message_delay(table, -1.0)
+
+
+def test_calibration_applies_and_saves_the_message_delay(tmp_path, small_calibration):
+    exp, measured, _ = small_calibration
+    assert measured.message_delay == ()  # calibrate() without links measures none
+    back = Calibration.load(dataclasses.replace(measured, message_delay=(1e-4, 2e-3)).save(tmp_path / "cal"))
+    assert back.message_delay == (1e-4, 2e-3)
+    exp = exp.replace(compute=ComputeModel(message_delay=(5e-3,)))
+    assert back.apply(exp).compute.message_delay == (1e-4, 2e-3)
+    # Not measured: the experiment's own stays.
+    assert measured.apply(exp).compute.message_delay == (5e-3,)
 
 
 # ------------------------------------------------------------------ fits and profiles
@@ -314,7 +437,8 @@ def test_calibrated_experiment_uses_the_measurements(small_calibration):
 def test_calibrate_rejects_bad_arguments(small_calibration):
     exp = small_calibration[0]
     for kw, field in (({"device": "tpu"}, "device"), ({"threads": 0}, "threads"), ({"repeats": 1}, "repeats"),
-                      ({"batch": 0}, "batch"), ({"shared_cores": -2}, "shared_cores")):
+                      ({"batch": 0}, "batch"), ({"shared_cores": -2}, "shared_cores"),
+                      ({"message_delay": "yes"}, "message_delay")):
         with pytest.raises(ValueError, match=field):
             calibrate(exp, **kw)
     with pytest.raises(ValueError, match="launcher must be"):

@@ -183,3 +183,29 @@ def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
     assert 0 <= link.burst <= rate * launcher.burst_seconds * 1.05
     with pytest.raises(ValueError, match="bucket must be True or False"):
         calibrate_link(exp, launcher, bucket="yes")
+
+
+def test_message_delay_probe_on_the_emulated_cluster():
+    """Round trips with 0 and 1 cores kept busy: one row each, means over the repeats; the
+    fitted delays turn the link's simulated round trip into the measured one (or are 0 where
+    the link alone is slower), and no core-busying process is left running."""
+    need_root()
+    from realrun.calibrate import calibrate_link, calibrate_message_delay, simulated_round_trip
+
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE", inter_bandwidth=50e6),
+                     strategy=AllReduceSGD(), batch_size=1, iterations=3)
+    launcher = realrun.EmulatedCluster()
+    link = calibrate_link(exp, launcher, repeats=2)[0]
+    delays, table = calibrate_message_delay(exp, launcher, link, cores=1, repeats=20)
+    assert list(table["busy"]) == [0, 1] and len(delays) == 2
+    baseline = simulated_round_trip(exp, link, 4096)
+    for d, seconds in zip(delays, table["seconds"]):
+        assert 0 < seconds < 1.0
+        assert d == pytest.approx(max(0.0, (seconds - baseline) / 2), rel=1e-9, abs=1e-12)
+        assert simulated_round_trip(exp, link, 4096, message_delay=(d,)) == pytest.approx(max(seconds, baseline),
+                                                                                          rel=1e-6)
+    spinners = subprocess.run(["pgrep", "-f", "print('ready', flush=True)"], capture_output=True, text=True)
+    assert spinners.stdout.strip() == ""
+    with pytest.raises(ValueError, match="cores must be an integer"):
+        calibrate_message_delay(exp, launcher, link, cores=-1)
