@@ -271,6 +271,17 @@ def fit_alpha_beta(rows) -> tuple[float, float]:
     return alpha, 1.0 / inv_beta
 
 
+def _probe_experiment(experiment, probe, nodes: int, iterations: int, name: str, **changes):
+    """An experiment that runs the :class:`~realrun.linkbench.LinkProbe` ``probe`` between
+    ``nodes`` single-rank nodes of ``experiment``'s cluster (``changes``: more fields)."""
+    from simulator import Experiment
+
+    cluster = dataclasses.replace(experiment.cluster, nodes=nodes, gpus_per_node=1, hosts=(), devices=None,
+                                  nics_per_node=1)
+    return Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                      cluster=cluster, strategy=probe, batch_size=1, iterations=iterations, name=name, **changes)
+
+
 def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 20), repeats: int = 4,
                   nodes: int | None = None, bucket: bool = False, timeout: float = 300) -> pd.DataFrame:
     """Point-to-point (sent and acknowledged) and ring all-reduce times at ``sizes`` bytes over
@@ -281,18 +292,13 @@ def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 2
     size's time after an idle spell (pattern ``burst``), for :func:`fit_burst`."""
     from realrun.linkbench import LinkProbe
     from realrun.run import run
-    from simulator import Experiment
 
     p = nodes or max(3, min(4, experiment.cluster.nodes))
     rows = []
     patterns = (("send", 2), ("all_reduce", p), ("queue", 3)) + ((("burst", 3),) if bucket else ())
     for pattern, world in patterns:
-        cluster = dataclasses.replace(experiment.cluster, nodes=world, gpus_per_node=1, hosts=(), devices=None,
-                                      nics_per_node=1)
         probe = LinkProbe(nbytes=float(sizes[0]), pattern=pattern, sizes=tuple(float(s) for s in sizes))
-        exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
-                         cluster=cluster, strategy=probe, batch_size=1,
-                         iterations=len(sizes) * (repeats + 1), name=f"calibrate-{pattern}")
+        exp = _probe_experiment(experiment, probe, world, len(sizes) * (repeats + 1), f"calibrate-{pattern}")
         result = run(exp, launcher=launcher, threads=1, timeout=timeout)
         it = result.iterations
         if pattern == "queue":
@@ -465,13 +471,8 @@ def measure_round_trips(experiment, launcher, *, busy=(0, 1, 2), size: float = 4
     first: a run's mean iteration time sums mean delays, and these have a long tail)."""
     from realrun.linkbench import LinkProbe
     from realrun.run import run
-    from simulator import Experiment
 
-    cluster = dataclasses.replace(experiment.cluster, nodes=2, gpus_per_node=1, hosts=(), devices=None,
-                                  nics_per_node=1)
-    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
-                     cluster=cluster, strategy=LinkProbe(nbytes=float(size)), batch_size=1,
-                     iterations=repeats + 1, name="calibrate-round-trip")
+    exp = _probe_experiment(experiment, LinkProbe(nbytes=float(size)), 2, repeats + 1, "calibrate-round-trip")
     rows = []
     for b in busy:
         procs = _spinners(b)
@@ -490,6 +491,10 @@ def fit_message_delay(round_trips, baseline: float) -> tuple[float, ...]:
     message_delay`), by busy cores, from :func:`measure_round_trips`' table: a round trip is
     two messages, so half of its excess over ``baseline``, the same round trip simulated on
     the calibrated link without delay (clipped at 0). Rows must cover busy = 0, 1, ..."""
+    missing = {"busy", "seconds"} - set(getattr(round_trips, "columns", ()))
+    if missing:
+        raise ValueError(f"fit_message_delay: round_trips must be a table with columns busy and seconds, "
+                         f"missing {sorted(missing)}")
     table = round_trips.sort_values("busy")
     if list(table["busy"]) != list(range(len(table))):
         raise ValueError(f"fit_message_delay: round trips must be measured at busy = 0, 1, ..., got "
@@ -505,14 +510,11 @@ def simulated_round_trip(experiment, link: LinkSpec, size: float = 4096, *, eage
     between two nodes joined by ``link`` (messages by rendezvous, as realrun moves them),
     each message delayed by ``message_delay`` (:attr:`simulator.ComputeModel.message_delay`)."""
     from realrun.linkbench import LinkProbe
-    from simulator import Experiment
     from simulator.executor import simulate
 
-    cluster = dataclasses.replace(experiment.cluster, nodes=2, gpus_per_node=1, hosts=(), devices=None,
-                                  nics_per_node=1, inter=link)
-    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
-                     cluster=cluster, strategy=LinkProbe(nbytes=float(size)), batch_size=1, iterations=2,
-                     eager_limit=eager_limit, compute=ComputeModel(message_delay=message_delay), name="round-trip")
+    exp = _probe_experiment(experiment.replace(cluster=dataclasses.replace(experiment.cluster, inter=link)),
+                            LinkProbe(nbytes=float(size)), 2, 2, "round-trip", eager_limit=eager_limit,
+                            compute=ComputeModel(message_delay=message_delay))
     it = simulate(exp).iterations
     return float(it[(it["rank"] == 0) & (it["iteration"] == 1)]["duration"].iloc[0])
 
@@ -524,11 +526,12 @@ def calibrate_message_delay(experiment, launcher, link: LinkSpec, *, cores: int,
     :attr:`simulator.ComputeModel.message_delay` table, and the round trips with their
     ``predicted`` seconds.
 
-    On the 2-core machine the emulated cluster runs on, a 4 KiB round trip through gloo
-    took a mean of 0.7-1.3 ms with both cores idle (median 0.23 ms), 3 ms with one busy
-    and 1.2-1.4 ms with two, against 0.2 ms on the fitted link alone: the thread a message
-    wakes waits on the scheduler, for a tick when one core spins (each round trip ended on
-    a 4 ms boundary). The matrix's PowerSGD spent 1-4 ms in each of its all-reduces of a
+    On the 2-core machine the emulated cluster runs on, this probe's 4 KiB round trip took
+    a mean of 0.6-0.9 ms with both cores idle (a raw gloo ping-pong: median 0.23 ms, a long
+    tail), 2.3-6.6 ms with one busy and 1.0-4.9 ms with two (three calibrations), against
+    about 0.2 ms on the fitted link alone: the thread a message wakes waits on the
+    scheduler, for a tick when one core spins (the raw round trips ended on 4 ms
+    boundaries). The matrix's PowerSGD spent 1-4 ms in each of its all-reduces of a
     few KiB, where the link predicts 0.1-0.4 ms. But these busy cores are other
     processes, and they delay messages more than a run's own compute does: with the
     delays fitted here the matrix's PowerSGD went from -50 % to +39 % and its 400 Mbit/s

@@ -230,6 +230,8 @@ def test_message_delay_fit_recovers_the_simulated_round_trips():
         fit_message_delay(table[table["busy"] > 0], baseline)
     with pytest.raises(ValueError, match="baseline"):
         fit_message_delay(table, -1.0)
+    with pytest.raises(ValueError, match=r"missing \['busy'\]"):
+        fit_message_delay(table.drop(columns="busy"), baseline)
 
 
 def test_calibration_applies_and_saves_the_message_delay(tmp_path, small_calibration):
