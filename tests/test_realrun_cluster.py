@@ -167,7 +167,7 @@ def test_cli_realrun_local_and_a_bad_file(tmp_path):
 def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
     """The links' calibration with the bucket probe on: every pattern measured at every
     size, the rate within 10 % of tbf's, and no bucket fitted beyond what tbf holds
-    (``EmulatedCluster.burst_seconds`` of the rate)."""
+    (``EmulatedCluster.bucket`` of the rate)."""
     need_root()
     from realrun.calibrate import calibrate_link
 
@@ -180,7 +180,7 @@ def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
     assert sorted(table.groupby("pattern").size().items()) == [(p, 4) for p in ("all_reduce", "burst", "queue", "send")]
     assert (table.loc[table["pattern"] != "queue", "seconds"] > 0).all()
     assert link.bandwidth == pytest.approx(rate, rel=0.1)
-    assert 0 <= link.burst <= rate * launcher.burst_seconds * 1.05
+    assert 0 <= link.burst <= launcher.bucket(rate) * 1.05
     with pytest.raises(ValueError, match="bucket must be True or False"):
         calibrate_link(exp, launcher, bucket="yes")
 
