@@ -683,17 +683,32 @@ class Calibration:
         )
 
 
+def _timelines(experiment, launches: int, *, field: str, launcher, **run_args) -> pd.DataFrame:
+    """The timelines of ``launches`` realrun launches of ``experiment`` on ``launcher``
+    (default ``Local()``), in one table with a ``launch`` column."""
+    from realrun.launch import Local
+    from realrun.run import run
+
+    if isinstance(launches, bool) or not isinstance(launches, int) or launches < 1:
+        raise ValueError(f"{field}: launches must be an integer >= 1, got {launches!r}")
+    launcher = launcher if launcher is not None else Local()
+    return pd.concat([run(experiment, launcher=launcher, **run_args).timeline.assign(launch=k)
+                      for k in range(launches)], ignore_index=True)
+
+
 def measure_executor(experiment, batch: int, *, threads: int, device: str, ranks: int = 1, iterations: int = 20,
-                     launcher=None, model=None, data=None, loss=None, timeout: float = 300) -> dict:
+                     launches: int = 3, launcher=None, model=None, data=None, loss=None, timeout: float = 300) -> dict:
     """Forward, backward and optimizer-step seconds per iteration of the experiment's model
     trained by realrun (``Local``) on ``ranks`` ranks that compute side by side and never
     communicate (local SGD that never averages), on ``launcher`` (default ``Local()``), means
-    over ranks and iterations after the first two (means: they predict mean iteration
-    times, hiccups included): what the executor's own compute costs, hooks, data and loss
-    included, with as many ranks busy as in the run (caches, memory bandwidth and the
-    scheduler are shared as they will be)."""
-    from realrun.launch import Local
-    from realrun.run import run
+    over ``launches`` launches, their ranks and their iterations after the first two (means:
+    they predict mean iteration times, hiccups included): what the executor's own compute
+    costs, hooks, data and loss included, with as many ranks busy as in the run (caches,
+    memory bandwidth and the scheduler are shared as they will be).
+
+    Several launches, because a launch's speed is a draw of its own: the mean forward of
+    the validation matrix's MLP at 64 samples over one launch's 34 ops moved from 1.44 to
+    1.96 ms across eight launches in a row on this 2-core machine, with no trend."""
     from simulator import Experiment
     from strategies import LocalSGD
 
@@ -703,24 +718,23 @@ def measure_executor(experiment, batch: int, *, threads: int, device: str, ranks
                       strategy=LocalSGD(period=iterations + 1, bucket_mb=1e6),
                       batch_size=batch, iterations=iterations, seed=experiment.seed,
                       optimizer=experiment.optimizer, name="calibrate-compute")
-    result = run(solo, launcher=launcher if launcher is not None else Local(), threads=threads, device=device,
-                 model=model, data=data, loss=loss, timeout=timeout)
-    tl = result.timeline
+    tl = _timelines(solo, launches, field="measure_executor", launcher=launcher, threads=threads, device=device,
+                    model=model, data=data, loss=loss, timeout=timeout)
     tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2) & (tl["iteration"] < iterations - 1)]
     kind = tl["name"].str.extract(r"^(\w+)", expand=False)
-    per = (tl["end"] - tl["start"]).groupby([kind, tl["rank"], tl["iteration"]]).sum()
+    per = (tl["end"] - tl["start"]).groupby([kind, tl["launch"], tl["rank"], tl["iteration"]]).sum()
     return {k: float(per[k].mean()) for k in ("forward", "backward", "optimizer_step")}
 
 
 def measure_codecs(experiment, calibration: Calibration, *, threads: int, device: str, iterations: int = 8,
-                   launcher=None, timeout: float = 300) -> tuple[dict, list]:
+                   launches: int = 3, launcher=None, timeout: float = 300) -> tuple[dict, list]:
     """Measured over modelled time of the experiment's compressor's encode and decode: the
     experiment on two single-rank nodes run by realrun on ``launcher`` (default ``Local()``)
-    against the simulator's roofline of the same ops on the calibrated device, means per rank
-    and iteration from the third on.
+    ``launches`` times against the simulator's roofline of the same ops on the calibrated
+    device, means per launch, rank and iteration from the third on (several launches: see
+    :func:`measure_executor`; QSGD's decode took 18 to 24 ms per iteration in five launches
+    of the validation matrix's case).
     Returns the factors (``{"<name>.encode": f, "<name>.decode": f}``) and measurement rows."""
-    from realrun.launch import Local
-    from realrun.run import run
     from simulator.executor import simulate
 
     comp = getattr(experiment.strategy, "compression", None)
@@ -729,19 +743,18 @@ def measure_codecs(experiment, calibration: Calibration, *, threads: int, device
     cluster = dataclasses.replace(experiment.cluster, nodes=2, gpus_per_node=1, devices=None, nics_per_node=1)
     two = experiment.replace(cluster=cluster, iterations=iterations, name="calibrate-codec",
                              batch_size=compute_batch(experiment) * getattr(experiment.strategy, "micro_batches", 1))
-    real = run(two, launcher=launcher if launcher is not None else Local(), threads=threads, device=device,
-               timeout=timeout)
+    real = _timelines(two, launches, field="measure_codecs", launcher=launcher, threads=threads, device=device,
+                      timeout=timeout)
     model = calibration.apply(two)
     model = model.replace(compute=dataclasses.replace(model.compute, shared_cores=0, cost_scale={}))
-    sim = simulate(model)
+    sim = simulate(model).timeline.assign(launch=0)
     factors, rows = {}, []
     for kind in ("encode", "decode"):
         seconds = []
-        for result in (real, sim):
-            tl = result.timeline
+        for tl in (real, sim):
             tl = tl[(tl["stream"] == "compute") & (tl["iteration"] >= 2) & tl["name"].str.startswith(kind + "[")]
-            per_rank_iteration = (tl["end"] - tl["start"]).groupby([tl["rank"], tl["iteration"]]).sum()
-            seconds.append(float(per_rank_iteration.mean()) if len(per_rank_iteration) else 0.0)
+            per = (tl["end"] - tl["start"]).groupby([tl["launch"], tl["rank"], tl["iteration"]]).sum()
+            seconds.append(float(per.mean()) if len(per) else 0.0)
         measured, modelled = seconds
         if measured > 0 and modelled > 0:
             factors[f"{comp.name}.{kind}"] = measured / modelled

@@ -25,6 +25,7 @@ from realrun.calibrate import (
     fit_burst,
     fit_flow_window,
     fit_message_delay,
+    measure_executor,
     profile_layers,
     queue_delays,
     simulated_round_trip,
@@ -246,6 +247,39 @@ def test_calibration_applies_and_saves_the_message_delay(tmp_path, small_calibra
 
 
 # ------------------------------------------------------------------ fits and profiles
+
+
+def test_executor_compute_pools_its_launches(monkeypatch):
+    """Each launch is a draw of its own: the measurement is the mean over every launch's
+    ranks and iterations (from the third to the second-last)."""
+    import importlib
+
+    iterations, launches, calls = 6, 3, []
+
+    def fake_run(experiment, **_):
+        k = len(calls)
+        calls.append(experiment)
+        rows = []
+        for rank in range(experiment.cluster.num_gpus):
+            for i in range(iterations):
+                t = float(i)
+                rows += [("compute", rank, "forward[0:3]", t, t + 0.001 * (k + 1), i),
+                         ("compute", rank, "backward[0:3]", t + 0.01, t + 0.01 + 0.002 * (k + 1) * (rank + 1), i),
+                         ("compute", rank, "optimizer_step", t + 0.1, t + 0.1005, i)]
+        timeline = pd.DataFrame(rows, columns=["stream", "rank", "name", "start", "end", "iteration"])
+        return type("Result", (), {"timeline": timeline})()
+
+    monkeypatch.setattr(importlib.import_module("realrun.run"), "run", fake_run)
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2), cluster=Cluster.homogeneous(nodes=1, gpus_per_node=1), strategy=AllReduceSGD(),
+                     batch_size=8, iterations=2)
+    got = measure_executor(exp, 8, threads=1, device="cpu", ranks=2, iterations=iterations, launches=launches)
+    assert len(calls) == launches and all(c.cluster.num_gpus == 2 for c in calls)
+    mean_k = np.mean([k + 1 for k in range(launches)])  # launch k's factor, equal counts per launch
+    assert got["forward"] == pytest.approx(0.001 * mean_k)
+    assert got["backward"] == pytest.approx(0.002 * mean_k * 1.5)  # ranks 1 and 2 times, averaged
+    assert got["optimizer_step"] == pytest.approx(0.0005)
+    with pytest.raises(ValueError, match="launches must be an integer >= 1"):
+        measure_executor(exp, 8, threads=1, device="cpu", launches=0)
 
 
 def test_alpha_beta_fit_recovers_known_link():
