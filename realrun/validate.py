@@ -117,8 +117,10 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
     links to each experiment's inter-node bandwidth). ``calibration``: ``"auto"`` calibrates
     on this machine (and the launcher's links) as needed; a :class:`~realrun.Calibration`
     (or a dict of experiment name -> Calibration) to use; ``None``: catalogue only.
-    ``out``: a CSV file the rows are appended to as each experiment finishes (and the real
-    runs' tables in a folder beside it). Returns the rows (:data:`VALIDATION_COLUMNS`).
+    ``out``: a CSV file the rows are appended to as each experiment finishes, and beside it
+    a folder ``<stem>-runs/<experiment>/`` with the real run's tables and, where there is a
+    calibration, ``predicted/`` (the calibrated model's run) and ``calibration/`` (what it
+    was given, loadable with :meth:`~realrun.Calibration.load`). Returns the rows (:data:`VALIDATION_COLUMNS`).
     """
     from realrun.calibrate import Calibration
     from realrun.launch import Local
@@ -169,12 +171,16 @@ def validate(experiments, *, launcher=None, calibration="auto", warmup: int = 2,
             cal = calibration.get(name)
         elif isinstance(calibration, Calibration):
             cal = calibration
-        if cal is not None:
-            new += compare(name, label, steady_metrics(simulate(cal.apply(exp)), warmup), measured, "calibrated")
+        predicted = simulate(cal.apply(exp)) if cal is not None else None
+        if predicted is not None:
+            new += compare(name, label, steady_metrics(predicted, warmup), measured, "calibrated")
         rows += new
         if path is not None:
             pd.DataFrame(new, columns=VALIDATION_COLUMNS).to_csv(path, mode="a", header=False, index=False)
             real.save(runs / name)
+            if predicted is not None:  # what a miss is dissected with: the model's run and its inputs
+                predicted.save(runs / name / "predicted")
+                cal.save(runs / name / "calibration")
         if bar is not None:
             bar.update(k + 1)
     if bar is not None:

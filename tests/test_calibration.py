@@ -560,6 +560,13 @@ def test_validate_on_local_processes(small_calibration, tmp_path):
     expected = exp.iterations * 2 * (2 - 1) / 2 * 4 * exp.workload.params
     np.testing.assert_allclose(b["measured"], expected, rtol=1e-9)
     np.testing.assert_allclose(b["predicted"], expected, rtol=1e-9)
+    # beside the table: the real run, the calibrated model's run and the calibration it was given
+    case = tmp_path / "v-runs" / exp.name
+    real, predicted = (pd.read_csv(case / sub / "iterations.csv") for sub in (".", "predicted"))
+    it = table[(table["metric"] == "iteration_time_mean") & (table["model"] == "calibrated")].iloc[0]
+    for tab, col in ((real, "measured"), (predicted, "predicted")):
+        assert tab.loc[tab["iteration"] >= 2, "duration"].mean() == pytest.approx(it[col], rel=1e-9)
+    assert Calibration.load(case / "calibration").link == cal.link
 
 
 def test_idle_slowdown_hits_the_forward_after_communication():
