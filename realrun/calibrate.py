@@ -402,11 +402,13 @@ def calibrate_link(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 
     (:func:`fit_burst`) to its messages after an idle spell; and those timings, with the
     fit's ``predicted`` seconds.
 
-    ``bucket`` is off by default: the emulated cluster's tbf bucket is real (a lone gloo
-    message after 5 ms idle beat the rate by 175 KB's worth at 400 Mbit/s, 200 KB
-    configured; this probe, run through realrun, fits 84-94 KB), but with a bucket of that
-    size the matrix's parameter servers came out 10-30 % fast: a message's CPU time on busy
-    cores, which the model lacks, was offsetting it (see the README, Validate)."""
+    ``bucket`` is off by default: a real link has no bucket, and the emulated cluster keeps
+    tbf's small (:attr:`~realrun.EmulatedCluster.burst_seconds`, 2 ms of the rate). With
+    that bucket this probe fitted 10 KB at 400 Mbit/s (tbf holds 100 KB) and 31 KB at
+    100 Mbit/s (25 KB): a few per cent of a message's time. With the 4 ms bucket used before,
+    it fitted 84-126 KB at 400 Mbit/s, a lone gloo message after 5 ms idle beat the rate by
+    175 KB's worth, and the matrix's pipelines ran 20-50 % faster than a plain link gives
+    (see the README, Validate)."""
     if not isinstance(bucket, bool):
         raise ValueError(f"calibrate_link: bucket must be True or False, got {bucket!r}")
     table = measure_links(experiment, launcher, sizes=sizes, repeats=repeats, bucket=bucket)

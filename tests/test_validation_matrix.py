@@ -3,11 +3,12 @@ real and simulated. CI runs it (as root, with CLUSTERSIM_REQUIRE_EMULATED=1) and
 the calibrated model's median error of iteration time exceeds the alarm in two runs in a
 row, or if calibration does not beat the catalogue.
 
-The issue asks for an alarm at 10 %. On this 2-core shared machine the calibrated median
-measured 4.8 to 17 % over eight runs of the same code (README, Validate), so an alarm at
-10 % fails on noise about half the time; the alarm here is 20 %, which a broken calibration
-(the catalogue alone is at 10-27 %, and 25-35 % mean) or a broken executor trips, and
-which must come down to 10 % once the misses the README lists are fixed.
+The alarm is at 10 % (the goal is 5 %). On this 2-core shared machine timings move by
+10-20 % from one run to the next, the real runs' and the calibrations' both, so the matrix
+runs a second time before the alarm sounds. Three runs with the emulated links' 2 ms tbf
+bucket gave calibrated medians of 3.1, 5.0 and 7.1 % (the catalogue's: 16.9-22.7 %), the
+last two with compute costs over three launches; the misses left are the compressors' small messages
+under compute load (README, Validate).
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from experiments.validation import cases
 from realrun import EmulatedCluster
 from realrun.validate import error_summary, validate
 
-ALARM = 0.20
-"""Median |relative error| of iteration time, calibrated, above which CI fails (the issue's
-alarm is 10 % and its goal 5 %: see the module's docstring)."""
+ALARM = 0.10
+"""Median |relative error| of iteration time, calibrated, above which CI fails twice in a row
+(the goal is 5 %: see the module's docstring)."""
 
 
 def _median(table) -> float:
