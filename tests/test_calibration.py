@@ -601,3 +601,37 @@ def test_idle_slowdown_measured_on_this_machine_starts_at_one():
                                   gaps=(0.0, 0.001), repeats=3)
     assert [g for g, _ in table] == [0.0, 0.001]
     assert table[0][1] == 1.0 and table[1][1] > 0
+
+
+def test_idle_slowdown_is_blind_to_a_linear_drift(monkeypatch):
+    """With every step 1 % slower than the one before and no cost of idling, the gaps take
+    turns, so each sees the same mean drift: every factor is 1 (timed one gap after another,
+    the last of six gaps at six passes each would come out 1 + 0.01 * 30 / 1.025 higher)."""
+    import importlib
+    import types
+
+    import torch
+
+    from realrun.model import Data, ModelState, build_model
+
+    calibrate_module = importlib.import_module("realrun.calibrate")  # the package's name is the function
+    ticks = {"calls": 0, "now": 0.0}
+
+    def perf_counter():  # even calls start a step, odd ones end it: step k takes 1 + 0.01 k
+        n = ticks["calls"]
+        ticks["calls"] += 1
+        if n % 2:
+            ticks["now"] += 1 + 0.01 * (n // 2)
+        return ticks["now"]
+
+    monkeypatch.setattr(calibrate_module, "time", types.SimpleNamespace(perf_counter=perf_counter,
+                                                                        sleep=lambda s: None))
+    w = Workload.from_zoo("mlp", in_features=4, hidden=[8], out_features=2)
+    model = build_model(w, 0)
+    ModelState(model, w, torch.device("cpu"))
+    gaps = (0.0, 0.002, 0.005, 0.01, 0.02, 0.05)
+    table = calibrate_module.measure_idle_slowdown(model, Data(model, 0, torch.device("cpu")), 4,
+                                                   torch.device("cpu"), gaps=gaps, repeats=6)
+    assert ticks["calls"] == 2 * 6 * len(gaps)
+    for gap, factor in table:
+        assert factor == pytest.approx(1.0, rel=1e-12), (gap, factor)
