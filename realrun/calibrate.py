@@ -317,7 +317,7 @@ def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 2
             if pattern == "send":
                 messages, wire = 2, size  # the message and its empty acknowledgement
             elif pattern == "queue":
-                messages, wire = 1, 0.0  # one empty message (and what it waits behind)
+                messages, wire = 2, 0.0  # an empty message (and what it waits behind) and its answer
             elif pattern == "burst":
                 messages, wire = 2, size  # one message after an idle spell, and the answer
             else:
@@ -328,11 +328,14 @@ def measure_links(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 2
 
 def queue_delays(result) -> pd.Series:
     """Per iteration of a :class:`~realrun.linkbench.LinkProbe` ``queue`` run (real or
-    simulated), the empty message's seconds from its send on rank 0 to the end of rank 2's
-    iteration, when it arrived."""
-    tl, it = result.timeline, result.iterations
-    sent = tl[(tl["rank"] == 0) & (tl["name"] == "send:queue-token->2")].groupby("iteration")["start"].min()
-    return (it[it["rank"] == 2].set_index("iteration")["end"] - sent).dropna()
+    simulated), the round trip of the empty message sent behind the bulk one and its answer,
+    on rank 0's clock: from its send to the send that follows the answer's arrival. (Timed
+    from the send on rank 0 to its arrival on rank 2, it mixed two clocks: realrun's ranks
+    leave the barrier that starts their clocks up to milliseconds apart, and the window fitted
+    at 400 Mbit/s moved between 0.13 and 0.42 MB from one calibration to the next.)"""
+    tl = result.timeline
+    sends = tl[tl["rank"] == 0].groupby(["iteration", "name"])["start"].min().unstack()
+    return (sends["send:queue-mark->2"] - sends["send:queue-token->2"]).dropna()
 
 
 def burst_delays(result) -> pd.Series:
@@ -383,15 +386,14 @@ def fit_burst(burst_rows, alpha: float, beta: float) -> tuple[float, float]:
 
 
 def fit_flow_window(queue_rows, alpha: float, beta: float, min_size: float = 1 << 20) -> float:
-    """A link's flow window (bytes, :attr:`simulator.LinkSpec.flow_window`) from the delays of
-    empty messages sent behind messages of several sizes (``(size, seconds)`` pairs): what
-    each waited beyond the latency ``alpha``, at bandwidth ``beta``, is the bytes of the
-    message before it still queued, ``min(window, size)``. The window is the median over
-    the messages of at least ``min_size`` bytes (all of them if none is that large): a
-    smaller one has partly left the sender's queue by the time the empty one is sent
-    (measured here: 0.01 MB queued behind 64 KiB, 0.1 MB behind 256 KiB, 0.24-0.3 MB
-    behind 1-4 MiB at 400 Mbit/s)."""
-    queued = [(size, max(0.0, seconds - alpha) * beta) for size, seconds in queue_rows]
+    """A link's flow window (bytes, :attr:`simulator.LinkSpec.flow_window`) from the round
+    trips of empty messages sent behind messages of several sizes and answered at once
+    (``(size, seconds)`` pairs, :func:`queue_delays`): what each took beyond two latencies
+    ``alpha``, at bandwidth ``beta``, is the bytes of the message before it still queued,
+    ``min(window, size)``. The window is the median over the messages of at least
+    ``min_size`` bytes (all of them if none is that large): a smaller one has partly left
+    the sender's queue by the time the empty one is sent."""
+    queued = [(size, max(0.0, seconds - 2 * alpha) * beta) for size, seconds in queue_rows]
     if not queued:
         raise ValueError("fit_flow_window: no queue measurements")
     big = [q for size, q in queued if size >= min_size] or [q for _, q in queued]
@@ -424,7 +426,7 @@ def calibrate_link(experiment, launcher, *, sizes=(65536, 262144, 1 << 20, 4 << 
     burst, peak = fit_burst(list(zip(table.loc[bursty, "size"], table.loc[bursty, "seconds"])), 2 * alpha,
                             beta) if bucket else (0.0, 0.0)
     table["predicted"] = table["messages"] * alpha + table["wire_bytes"] / beta
-    table.loc[queue, "predicted"] = alpha + np.minimum(window, table.loc[queue, "size"]) / beta
+    table.loc[queue, "predicted"] = 2 * alpha + np.minimum(window, table.loc[queue, "size"]) / beta
     table.loc[bursty, "predicted"] = bucket_time(table.loc[bursty, "size"], 2 * alpha, beta, burst, peak)
     return LinkSpec(name="measured-link", bandwidth=beta, latency=alpha, flow_window=window, burst=burst,
                     burst_bandwidth=peak), table

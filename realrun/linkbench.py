@@ -25,10 +25,13 @@ class LinkProbe:
     """A strategy that only moves bytes, once per iteration: ``send`` (``nbytes`` from rank 0
     to 1, acknowledged), a ring ``all_reduce`` of ``nbytes`` over every rank, or ``queue``:
     rank 0 sends ``nbytes`` to rank 1 and, as soon as that send is handed to the transport,
-    an empty message to rank 2 over the same outgoing link. The empty message's delay
-    beyond the link's latency is the time it waits behind the bulk message's bytes already
-    queued on the link (:attr:`simulator.LinkSpec.flow_window`); its send is the span
-    ``send:queue-token->2`` on rank 0 and it arrives when rank 2's iteration ends. ``burst``:
+    an empty message to rank 2 over the same outgoing link, which rank 2 answers at once
+    with another (over links that idle; rank 0 has posted its receive for the answer
+    before the bulk message, so no ready notification waits behind it). The round trip
+    beyond two latencies is the time the first waits behind the bulk message's bytes
+    already queued on the link (:attr:`simulator.LinkSpec.flow_window`), timed on rank 0's
+    clock alone: from the start of the span ``send:queue-token->2`` to that of
+    ``send:queue-mark->2``, an empty message rank 0 sends as soon as the answer is in. ``burst``:
     rank 2 sends ``filler`` bytes to rank 0, whose outgoing link idles meanwhile, then rank 0
     sends ``nbytes`` to rank 1: on a link shaped by a token bucket
     (:attr:`simulator.LinkSpec.burst`) the message starts on a bucket refilled for the
@@ -84,14 +87,18 @@ class LinkProbe:
                 yield ctx.all_reduce(datas[i % len(datas)], algorithm="ring")
 
         token = TensorRef("queue-token", 0, "custom")
+        mark = TensorRef("queue-mark", 0, "custom")
 
         def queuer(ctx: RankContext):
             for i in ctx.iterations():
                 yield ctx.recv(1, ack, tag=2)  # both receivers are waiting
                 yield ctx.recv(2, ack, tag=2)
+                answer = yield ctx.recv(2, ack, tag=6, async_op=True)  # posted before the bulk bytes
                 bulk = yield ctx.send(1, datas[i % len(datas)], tag=1, async_op=True)
                 yield ctx.wait(bulk)
                 yield ctx.send(2, token, tag=3)
+                yield ctx.wait(answer)
+                yield ctx.send(2, mark, tag=7)  # its span starts as the answer is in
                 yield ctx.recv(1, ack, tag=4)  # the bulk message is in
 
         def bulk_receiver(ctx: RankContext):
@@ -104,6 +111,8 @@ class LinkProbe:
             for _ in ctx.iterations():
                 yield ctx.send(0, ack, tag=2)
                 yield ctx.recv(0, token, tag=3)
+                yield ctx.send(0, ack, tag=6)
+                yield ctx.recv(0, mark, tag=7)
 
         filler = TensorRef("filler", float(self.filler), "custom")
 

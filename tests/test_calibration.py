@@ -309,10 +309,10 @@ def test_alpha_beta_fit_takes_bandwidth_from_the_long_transfers():
 def test_flow_window_fit_recovers_a_known_window():
     alpha, beta, window = 1e-4, 50e6, 3e5
     sizes = (65536, 262144, 1 << 20, 4 << 20)
-    rows = [(n, alpha + min(window, n) / beta) for n in sizes]
+    rows = [(n, 2 * alpha + min(window, n) / beta) for n in sizes]  # round trips: two latencies
     assert fit_flow_window(rows, alpha, beta) == pytest.approx(window)
     # Small messages drain partly before the empty one is sent: they do not pull the window down.
-    drained = [(65536, alpha + 1e4 / beta), (262144, alpha + 1e5 / beta)] + rows[2:]
+    drained = [(65536, 2 * alpha + 1e4 / beta), (262144, 2 * alpha + 1e5 / beta)] + rows[2:]
     assert fit_flow_window(drained, alpha, beta) == pytest.approx(window)
     # With no large message, every size counts.
     assert fit_flow_window(rows[:2], alpha, beta) == pytest.approx((65536 + 262144) / 2)
@@ -323,7 +323,7 @@ def test_flow_window_fit_recovers_a_known_window():
 def test_queue_probe_measures_the_flow_window_in_the_simulator():
     """The probe calibration runs for real, run in the simulator on a link with a known
     window, by rendezvous as gloo does: the empty message arrives latency + min(W, S)/B after
-    its send, so the fit gives the window back."""
+    its send and its answer one latency later, so the fit gives the window back."""
     B, L, W = 50e6, 1e-4, 3e5
     sizes = (65536.0, 1 << 20, 4 << 20)
     exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
@@ -333,7 +333,7 @@ def test_queue_probe_measures_the_flow_window_in_the_simulator():
                      iterations=2 * len(sizes), eager_limit=0)
     delays = queue_delays(simulate(exp))
     for i, d in delays.items():
-        assert d == pytest.approx(L + min(W, sizes[i % len(sizes)]) / B)
+        assert d == pytest.approx(2 * L + min(W, sizes[i % len(sizes)]) / B)
     rows = [(sizes[i % len(sizes)], d) for i, d in delays.items()]
     assert fit_flow_window(rows, L, B) == pytest.approx(W)
 

@@ -176,9 +176,9 @@ def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
                      cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE", inter_bandwidth=rate),
                      strategy=AllReduceSGD(), batch_size=1, iterations=3)
     launcher = realrun.EmulatedCluster()
-    link, table = calibrate_link(exp, launcher, repeats=2, bucket=True)
+    link, table = calibrate_link(exp, launcher, bucket=True)  # the default repeats: medians of 4
     assert sorted(table.groupby("pattern").size().items()) == [(p, 4) for p in ("all_reduce", "burst", "queue", "send")]
-    assert (table.loc[table["pattern"] != "queue", "seconds"] > 0).all()
+    assert (table["seconds"] > 0).all()  # the queue's round trips too: one clock
     assert link.bandwidth == pytest.approx(rate, rel=0.1)
     assert 0 <= link.burst <= launcher.bucket(rate) * 1.05
     with pytest.raises(ValueError, match="bucket must be True or False"):
