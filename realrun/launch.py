@@ -110,7 +110,10 @@ class EmulatedCluster:
     after 5 ms idle beat the rate by 175 KB's worth at 400 Mbit/s, and the pipelines, whose
     128 KB messages often found the bucket full, ran 20-50 % faster than a plain link
     gives; at 1 ms the 400 Mbit/s all-reduces moved 1.6 MB in 35 ms per iteration instead
-    of the rate's 32 ms; at 2 ms, 32.5 ms."""
+    of the rate's 32 ms; at 2 ms, 32.5 ms. On a busy host timers fire late and a small bucket
+    loses more rate: in one such spell a lone 20 MB message at 200 Mbit/s ran 3-14 % slow
+    at 2 ms and 1.4-7.5 % at 3 ms (1.3-3.4 % at 2 or 4 ms once the host was quiet);
+    calibration measures the rate the links give, so the calibrated model follows."""
     mtu: int = 9000
     """Frame size of the links: jumbo frames, as data-centre networks use, so TCP/IP headers take
     0.7 % of what tbf counts (4.4 % at 1500)."""
