@@ -214,6 +214,13 @@ def measure_idle_slowdown(module, data, batch: int, device: torch.device, *, gap
     when ``repeats`` is a multiple of the gaps). Timed one gap after another, the
     matrix's MLP at 64 samples gave factors at 10 ms from 1.18 to 1.77 in three calls in a
     row; taking turns, 1.20 to 1.24."""
+    gaps = tuple(gaps)
+    if not gaps or any(isinstance(g, bool) or not isinstance(g, int | float) or not g >= 0 for g in gaps) \
+            or gaps[0] != 0:
+        raise ValueError(f"measure_idle_slowdown: gaps must be seconds >= 0 starting with 0 (the "
+                         f"reference), got {gaps!r}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"measure_idle_slowdown: repeats must be an integer >= 1, got {repeats!r}")
     x = data.inputs(0, 0, batch, 0, batch)
 
     def step():

@@ -270,7 +270,8 @@ def test_executor_compute_pools_its_launches(monkeypatch):
         return type("Result", (), {"timeline": timeline})()
 
     monkeypatch.setattr(importlib.import_module("realrun.run"), "run", fake_run)
-    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2), cluster=Cluster.homogeneous(nodes=1, gpus_per_node=1), strategy=AllReduceSGD(),
+    exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
+                     cluster=Cluster.homogeneous(nodes=1, gpus_per_node=1), strategy=AllReduceSGD(),
                      batch_size=8, iterations=2)
     got = measure_executor(exp, 8, threads=1, device="cpu", ranks=2, iterations=iterations, launches=launches)
     assert len(calls) == launches and all(c.cluster.num_gpus == 2 for c in calls)
@@ -566,7 +567,8 @@ def test_validate_on_local_processes(small_calibration, tmp_path):
     it = table[(table["metric"] == "iteration_time_mean") & (table["model"] == "calibrated")].iloc[0]
     for tab, col in ((real, "measured"), (predicted, "predicted")):
         assert tab.loc[tab["iteration"] >= 2, "duration"].mean() == pytest.approx(it[col], rel=1e-9)
-    assert Calibration.load(case / "calibration").link == cal.link
+    saved = Calibration.load(case / "calibration")
+    assert saved.workload == cal.workload and saved.cost_scale == cal.cost_scale
 
 
 def test_idle_slowdown_hits_the_forward_after_communication():
@@ -635,3 +637,10 @@ def test_idle_slowdown_is_blind_to_a_linear_drift(monkeypatch):
     assert ticks["calls"] == 2 * 6 * len(gaps)
     for gap, factor in table:
         assert factor == pytest.approx(1.0, rel=1e-12), (gap, factor)
+    for bad in ((), (0.01, 0.0), (0.0, -1.0)):
+        with pytest.raises(ValueError, match="gaps must be seconds >= 0 starting with 0"):
+            calibrate_module.measure_idle_slowdown(model, Data(model, 0, torch.device("cpu")), 4,
+                                                   torch.device("cpu"), gaps=bad)
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        calibrate_module.measure_idle_slowdown(model, Data(model, 0, torch.device("cpu")), 4,
+                                               torch.device("cpu"), repeats=0)

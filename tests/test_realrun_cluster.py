@@ -59,9 +59,12 @@ def test_shaped_link_measures_within_5_percent_of_its_bandwidth():
     probes in such a spell ran 3-14 % slow; a few minutes later, 1.3-3.4 %, as with a 4 ms
     bucket); a second probe tells a noisy spell from a broken shaper."""
     need_root()
-    tries = [probe("200Mbps", 20e6, pattern="send", repeats=4) for _ in range(2)]
-    errors = [abs(r["measured_s"] / r["expected_s"] - 1) for r in tries]
-    assert min(errors) < 0.05, tries
+    tries = []
+    for _ in range(2):
+        tries.append(probe("200Mbps", 20e6, pattern="send", repeats=4))
+        if abs(tries[-1]["measured_s"] / tries[-1]["expected_s"] - 1) < 0.05:
+            return
+    pytest.fail(f"both probes off by 5 % or more: {tries}")
 
 
 def test_emulated_cluster_run_counts_its_bytes_on_the_shaped_links(tmp_path):
