@@ -217,12 +217,12 @@ def write_report(table: pd.DataFrame, folder: str | Path, metric: str = "iterati
     models = [m for m in MODELS if (table["model"] == m).any()]
     paths = []
     for fn, name in ((predicted_vs_measured, "predicted_vs_measured.png"), (error_by_strategy, "error_by_strategy.png")):
-        fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 5), squeeze=False)
+        fig, axes = plt.subplots(1, len(models), figsize=(8.5 * len(models), 5), squeeze=False)
         for ax, model in zip(axes[0], models):
             fn(table[table["model"] == model], metric=metric, ax=ax)
             ax.set_title(f"{model} model: {metric.replace('_', ' ')}")
         fig.tight_layout()
-        fig.savefig(folder / name, dpi=110)
+        fig.savefig(folder / name, dpi=110, bbox_inches="tight")  # the legends sit beside the axes
         plt.close(fig)
         paths.append(folder / name)
     return paths

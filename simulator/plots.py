@@ -367,7 +367,9 @@ def predicted_vs_measured(table: pd.DataFrame, *, metric: str | None = None, ax=
                          f"{bad.to_dict()} has not")
     ax = _axes(ax)
     for i, (name, sub) in enumerate(table.groupby("strategy", sort=True)):
-        ax.scatter(sub["measured"], sub["predicted"], marker=MARKERS[i % len(MARKERS)], color=_colour(i),
+        # the marker shifts by one each time the colours come round, so no two strategies look alike
+        marker = MARKERS[(i + i // len(_colours())) % len(MARKERS)]
+        ax.scatter(sub["measured"], sub["predicted"], marker=marker, color=_colour(i),
                    s=36, label=str(name), zorder=3, edgecolors="black", linewidths=0.4)
     lo, hi = values.min() / 1.5, values.max() * 1.5
     ends = np.array([lo, hi])
@@ -385,8 +387,8 @@ def predicted_vs_measured(table: pd.DataFrame, *, metric: str | None = None, ax=
     ax.set_xlabel(f"measured{what}")
     ax.set_ylabel(f"predicted{what}")
     ax.grid(True, which="major", alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize="small", loc="upper left")
+    if ax.get_legend_handles_labels()[0]:  # beside the axes: inside, it hid the points under it
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return ax
 
 
@@ -433,10 +435,14 @@ def _axes(ax, figsize=(6, 4)):
     return ax
 
 
-def _colour(i: int) -> str:
+def _colours() -> list[str]:
     import matplotlib as mpl
 
-    cycle = mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+    return mpl.rcParams["axes.prop_cycle"].by_key()["color"]
+
+
+def _colour(i: int) -> str:
+    cycle = _colours()
     return cycle[i % len(cycle)]
 
 

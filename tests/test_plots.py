@@ -300,6 +300,22 @@ def test_predicted_vs_measured_of_one_metric_has_different_markers():
     assert ax.get_xlabel() == "measured throughput (samples/s)"
 
 
+def test_predicted_vs_measured_tells_a_dozen_strategies_apart_and_keeps_its_legend_off_them():
+    """More strategies than colours: each (colour, marker) pair is its own, and the legend sits
+    right of the axes, where it covers no point."""
+    rows = [(f"e{i}", f"s{i:02d}", "throughput", 10.0 + i, 10.0 + i) for i in range(12)]
+    table = pd.DataFrame(rows, columns=["experiment", "strategy", "metric", "predicted", "measured"])
+    ax = plots.predicted_vs_measured(table)
+    looks = set()
+    for c in ax.collections:
+        if isinstance(c, PathCollection):
+            looks.add((tuple(np.round(c.get_facecolor()[0], 6)), c.get_paths()[0].vertices.tobytes()))
+    assert len(looks) == 12
+    ax.figure.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.x0 >= ax.get_window_extent().x1
+
+
 def test_error_by_strategy_median_bars_and_extremes():
     ax = plots.error_by_strategy(VALIDATION, metric="throughput")
     heights = [p.get_height() for p in ax.patches if isinstance(p, Rectangle) and abs(p.get_width() - 0.6) < 1e-9]
