@@ -93,8 +93,9 @@ class _Calibrations:
         self._links: dict = {}
 
     def __call__(self, experiment):
-        from realrun.calibrate import calibrate, calibrate_link, compute_batch
+        from realrun.calibrate import calibrate, compute_batch
         from realrun.launch import Local
+        from realrun.linkcal import calibrate_link
 
         cal = calibrate(experiment, launcher=self.launcher, links=False, threads=self.threads, device=self.device,
                         repeats=self.repeats, batch=compute_batch(experiment))

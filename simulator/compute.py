@@ -115,7 +115,7 @@ class ComputeModel:
     ``shared_cores`` are busy computing when it starts: entry ``b`` for ``b`` busy cores, the
     last entry for more (without ``shared_cores``, entry 0). On a machine whose cores the
     ranks oversubscribe a small message's round trip grows from a fraction of a
-    millisecond to several; :func:`realrun.calibrate.calibrate_message_delay` measures it
+    millisecond to several; :func:`realrun.linkcal.calibrate_message_delay` measures it
     with ``b`` cores kept busy. Empty: no delay."""
     cost_scale: Mapping[str, float] = field(default_factory=dict)
     """Measured over modelled time of compressors' work, keyed ``"<compressor>.encode"`` or

@@ -17,20 +17,22 @@ from builders import timed_workload
 import realrun
 from realrun.calibrate import (
     Calibration,
-    bucket_time,
-    burst_delays,
     calibrate,
     compute_batch,
+    measure_executor,
+    profile_layers,
+)
+from realrun.linkbench import LinkProbe
+from realrun.linkcal import (
+    bucket_time,
+    burst_delays,
     fit_alpha_beta,
     fit_burst,
     fit_flow_window,
     fit_message_delay,
-    measure_executor,
-    profile_layers,
     queue_delays,
     simulated_round_trip,
 )
-from realrun.linkbench import LinkProbe
 from realrun.validate import VALIDATION_COLUMNS, compare, error_summary, steady_metrics, validate
 from simulator import Cluster, ComputeModel, Experiment, Workload, simulate
 from simulator.compute import SharedCores

@@ -177,7 +177,7 @@ def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
     size, the rate within 10 % of tbf's, and no bucket fitted beyond what tbf holds
     (``EmulatedCluster.bucket`` of the rate)."""
     need_root()
-    from realrun.calibrate import calibrate_link
+    from realrun.linkcal import calibrate_link
 
     rate = 50e6
     exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
@@ -187,8 +187,8 @@ def test_link_calibration_with_the_bucket_probe_on_a_shaped_link():
     link, table = calibrate_link(exp, launcher, bucket=True)  # the default repeats: medians of 4
     assert sorted(table.groupby("pattern").size().items()) == [(p, 4) for p in ("all_reduce", "burst", "queue", "send")]
     assert (table["seconds"] > 0).all()  # the queue's round trips too: one clock
-    assert link.bandwidth == pytest.approx(rate, rel=0.1)
-    assert 0 <= link.burst <= launcher.bucket(rate) * 1.05
+    assert link.bandwidth == pytest.approx(rate, rel=0.1), table.to_string()
+    assert 0 <= link.burst <= launcher.bucket(rate) * 1.05, (link, table.to_string())
     with pytest.raises(ValueError, match="bucket must be True or False"):
         calibrate_link(exp, launcher, bucket="yes")
 
@@ -198,7 +198,7 @@ def test_message_delay_probe_on_the_emulated_cluster():
     fitted delays turn the link's simulated round trip into the measured one (or are 0 where
     the link alone is slower), and no core-busying process is left running."""
     need_root()
-    from realrun.calibrate import calibrate_link, calibrate_message_delay, simulated_round_trip
+    from realrun.linkcal import calibrate_link, calibrate_message_delay, simulated_round_trip
 
     exp = Experiment(workload=Workload.from_zoo("mlp", in_features=4, hidden=[4], out_features=2),
                      cluster=Cluster.homogeneous(nodes=2, gpus_per_node=1, inter="10GbE", inter_bandwidth=50e6),
