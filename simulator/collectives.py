@@ -68,14 +68,19 @@ def _schedule(op, algorithm, p, nbytes, root, node_of):
 class CollectiveRunner:
     """Runs collective instances on a :class:`~simulator.network.Network`."""
 
-    def __init__(self, env: simpy.Environment, network: Network, cluster, *, model: CollectiveModel = "auto"):
+    def __init__(self, env: simpy.Environment, network: Network, cluster, *, model: CollectiveModel = "auto",
+                 symmetry=None):
         if model not in COLLECTIVE_MODELS:
             raise ValueError(f"collective model must be one of {COLLECTIVE_MODELS}, got {model!r}")
         self.env = env
         self.network = network
         self.cluster = cluster
         self.model = model
+        self.symmetry = symmetry
+        """A :class:`simulator.symmetry.Symmetry` when only representatives are simulated."""
         self._bundles: dict = {}
+        self._projected: dict = {}
+        self._node_of: dict[int, tuple] = {}
         self._plans: dict = {}
         self._routes: dict[tuple[int, int], tuple[tuple[int, ...], float]] = {}
         self.transfers = 0
@@ -85,7 +90,10 @@ class CollectiveRunner:
         key = (src, dst)
         hit = self._routes.get(key)
         if hit is None:
-            hit = self._routes[key] = (self.cluster.route(src, dst), self.cluster.path_latency(src, dst))
+            path = self.cluster.route(src, dst)
+            if self.symmetry is not None:
+                path = self.symmetry.path(path)
+            hit = self._routes[key] = (path, self.cluster.path_latency(src, dst))
         return hit
 
     def start(
@@ -97,10 +105,13 @@ class CollectiveRunner:
         *,
         root: int = 0,
         on_rank_done: Callable[[int], None],
+        view=None,
     ):
         """Start a collective now; ``on_rank_done(i)`` fires as member ``i`` finishes.
 
-        Returns its step schedule (``bytes_sent()`` gives each member's traffic).
+        ``view``: with representatives, the group's :meth:`~simulator.symmetry.Symmetry.group_view`;
+        only its representatives take part and are reported. Returns the step schedule
+        (``bytes_sent()`` gives each member's traffic).
         """
         if op not in ALGORITHMS:
             raise ValueError(f"collective op must be one of {tuple(ALGORITHMS)}, got {op!r}")
@@ -108,15 +119,20 @@ class CollectiveRunner:
             raise ValueError(f"algorithm must be one of {tuple(ALGORITHMS[op])} for {op}, got {algorithm!r}")
         group = tuple(group)
         p = len(group)
-        node_of = tuple(self.cluster.node_of(r) for r in group)
-        sched = _schedule(op, algorithm, p, float(nbytes), root, node_of)
+        hit = self._node_of.get(id(group))
+        if hit is None or hit[0] is not group:
+            hit = self._node_of[id(group)] = (group, tuple(self.cluster.node_of(r) for r in group))
+        sched = _schedule(op, algorithm, p, float(nbytes), root, hit[1])
+        members = range(p) if view is None else view[0]
         if sched.num_steps() == 0:
-            for i in range(p):
+            for i in members:
                 on_rank_done(i)
             return sched
         bundles = self._bundle(sched, group) if self.model == "auto" else None
+        if view is not None and (bundles is not None or view[1]):
+            bundles = self._project(sched, group, bundles, view)
         if bundles is not None:
-            self._run_chain(bundles, 0, p, on_rank_done)
+            self._run_chain(bundles, 0, members, on_rank_done)
             return sched
         key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
         plan = self._plans.get(key)
@@ -125,15 +141,31 @@ class CollectiveRunner:
         _SteppedRun(self, plan, group, on_rank_done).begin()
         return sched
 
-    def _run_chain(self, bundles, k, p, on_rank_done) -> None:
+    def _run_chain(self, bundles, k, members, on_rank_done) -> None:
         if k == len(bundles):
-            for i in range(p):
+            for i in members:
                 on_rank_done(i)
             return
         b = bundles[k]
         done = self.network.transfer(b.path, b.nbytes, b.latency, link_bytes=b.link_bytes, messages=b.steps)
         self.transfers += 1
-        done.callbacks.append(lambda _e: self._run_chain(bundles, k + 1, p, on_rank_done))
+        done.callbacks.append(lambda _e: self._run_chain(bundles, k + 1, members, on_rank_done))
+
+    def _project(self, sched, group, bundles, view):
+        """The bundles on representative links. A group that other images share (some
+        generator maps it onto itself) must take the closed form and have a symmetric
+        schedule; a group of representatives alone may step, on representative links."""
+        from simulator.symmetry import Asymmetric
+
+        key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+        if key not in self._projected:
+            if bundles is None:
+                raise Asymmetric(f"{sched.op}/{sched.algorithm} on a group its images share has no closed form",
+                                 view[1])
+            if view[1]:
+                self.symmetry.check_phases(sched, view)
+            self._projected[key] = self.symmetry.project(bundles, view)
+        return self._projected[key]
 
     # fast path
     def _bundle(self, sched, group) -> tuple[_Bundle, ...] | None:

@@ -20,18 +20,21 @@ environment, random generator, network and records. Nothing is global.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 import warnings
 from collections import deque
 
 import numpy as np
+import pandas as pd
 import simpy
 
 from simulator.collectives import CollectiveRunner
 from simulator.compute import ComputeTimer, SharedCores
 from simulator.memory import check_memory, memory_table
 from simulator.network import Network
-from simulator.results import RunResult, build_result
+from simulator.results import ITERATION_COLUMNS, RunResult, build_result
+from simulator.symmetry import Asymmetric, Symmetry, candidates
 from strategies.context import RankContext
 from strategies.ops import (
     Apply,
@@ -65,23 +68,29 @@ class Handle:
 
 
 class _Instance:
-    """One collective call, matched across the members of its group."""
+    """One collective call, matched across the simulated members of its group."""
 
-    __slots__ = ("op", "group", "gid", "seq", "arrived", "events", "start")
+    __slots__ = ("op", "group", "gid", "seq", "arrived", "members", "events", "start", "view")
 
-    def __init__(self, op: Collective, group: tuple[int, ...], gid: int, seq: int, env: simpy.Environment):
+    def __init__(self, op: Collective, group: tuple[int, ...], gid: int, seq: int, env: simpy.Environment,
+                 view=None):
         self.op = op
         self.group = group
         self.gid = gid
         self.seq = seq
         self.arrived = 0
-        self.events = [env.event() for _ in group]
+        self.view = view
+        self.members = range(len(group)) if view is None else view[0]
+        """Local indices of the members simulated: every member, or the representatives."""
+        self.events = {i: env.event() for i in self.members}
         self.start = None
 
 
 class _Simulation:
-    def __init__(self, experiment):
+    def __init__(self, experiment, symmetry: Symmetry | None = None, reason: str = ""):
         self.exp = experiment
+        self.symmetry = symmetry
+        self.fidelity_reason = reason
         self.env = env = simpy.Environment()
         # Independent streams per rank, all from the experiment's seed.
         cluster = experiment.run_cluster
@@ -89,7 +98,8 @@ class _Simulation:
         self.cluster = cluster
         self.world = world = cluster.world_size
         self.network = Network.for_links(env, cluster.links)
-        self.collectives = CollectiveRunner(env, self.network, cluster, model=experiment.collective_model)
+        self.collectives = CollectiveRunner(env, self.network, cluster, model=experiment.collective_model,
+                                            symmetry=symmetry)
         self.devices = [cluster.device_of(r) for r in range(world)]
         self.timer = ComputeTimer(
             experiment.workload, self.devices, experiment.precision, experiment.optimizer,
@@ -130,17 +140,24 @@ class _Simulation:
     # driving programs
     def run(self) -> RunResult:
         wall = time.perf_counter()
-        self.memory = memory_table(self.exp)
+        self.memory = memory_table(self.exp, None if self.symmetry is None else self.symmetry.rep)
         check_memory(self.memory, self.exp.out_of_memory, self.exp.name)
         programs = self.exp.strategy.programs(self.job)
         if len(programs) != self.world:
             raise RuntimeError(f"strategy made {len(programs)} programs for {self.world} ranks")
-        for rank, program in enumerate(programs):
+        simulated = range(self.world) if self.symmetry is None else self.symmetry.simulated
+        for rank in simulated:
             ctx = RankContext(rank, self.job, on_iteration=self._iteration_hook(rank))
-            self.env.process(self._drive(rank, program(ctx)))
-        self.env.run()
-        if not all(self._finished):
-            stuck = [(r, self._blocked_on[r]) for r in range(self.world) if not self._finished[r]]
+            self.env.process(self._drive(rank, programs[rank](ctx)))
+        collecting = gc.isenabled()
+        gc.disable()  # full collections would sweep a heap that grows with the run, over and over
+        try:
+            self.env.run()
+        finally:
+            if collecting:
+                gc.enable()
+        if not all(self._finished[r] for r in simulated):
+            stuck = [(r, self._blocked_on[r]) for r in simulated if not self._finished[r]]
             detail = "; ".join(f"rank {r} waits on {op!r}" for r, op in stuck[:4])
             raise RuntimeError(f"simulation deadlocked: {len(stuck)} rank(s) never finished ({detail})")
         if self.network.bundles_contended:
@@ -155,8 +172,35 @@ class _Simulation:
             "flows": self.network.flows_started,
             "single_device_iteration_time": self._single_device_time(),
             "ideal_throughput": self._ideal_throughput(),
+            "fidelity": "full" if self.symmetry is None else "representatives",
+            "fidelity_reason": self.fidelity_reason,
+            "simulated_ranks": len(simulated),
         }
+        if self.symmetry is not None:
+            self._stand_in()
         return build_result(self, stats)
+
+    def _stand_in(self) -> None:
+        """Every rank's records from its representative's: the iterations, bytes sent and the
+        links' bytes and busy time (the timeline keeps the representatives' spans)."""
+        sym = self.symmetry
+        rows = pd.DataFrame(self.iteration_rows, columns=ITERATION_COLUMNS)
+        members = [sym.orbit(r) for r in rows["rank"].tolist()]
+        counts = np.array([len(m) for m in members], dtype=np.int64)
+        full = rows.loc[rows.index.repeat(counts)].reset_index(drop=True)
+        full["rank"] = ranks = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
+        # samples count once per tensor-parallel group, on its first rank (as in _drive), which
+        # the tensor-parallel shift moves: an image counts them only if it is a first rank too
+        group_of = getattr(self.exp.strategy, "tensor_group", None)
+        if callable(group_of):
+            first = {int(r): group_of(self.job, int(r))[0] == r for r in np.unique(ranks)}
+            full.loc[~full["rank"].map(first).astype(bool), "samples"] = 0
+        self.iteration_rows = full
+        self.bytes_sent = np.asarray(self.bytes_sent)[sym.rep].tolist()
+        net = self.network
+        net.bytes = np.asarray(net.bytes)[sym.link_rep].tolist()
+        net.busy_time = np.asarray(net.busy_time)[sym.link_rep].tolist()
+        self.stands_for = {r: len(sym.orbit(r)) for r in sym.simulated}
 
     def _single_device_time(self) -> float:
         """Rank 0's iteration time alone: forward, backward and step, no communication."""
@@ -356,7 +400,8 @@ class _Simulation:
         self._coll_seq[key] = seq + 1
         inst = self._instances.get((gid, seq))
         if inst is None:
-            inst = self._instances[(gid, seq)] = _Instance(op, group, gid, seq, self.env)
+            view = None if self.symmetry is None else self.symmetry.group_view(gid, group)
+            inst = self._instances[(gid, seq)] = _Instance(op, group, gid, seq, self.env, view)
         elif (inst.op.op, inst.op.algorithm, inst.op.tensor.nbytes, inst.op.root) != (
             op.op, op.algorithm, op.tensor.nbytes, op.root
         ):
@@ -376,17 +421,18 @@ class _Simulation:
 
     def _arrive(self, inst: _Instance) -> None:
         inst.arrived += 1
-        if inst.arrived < len(inst.group):
+        if inst.arrived < len(inst.members):
             return
         del self._instances[(inst.gid, inst.seq)]
         inst.start = self.env.now
         op = inst.op
         sched = self.collectives.start(
             op.op, op.algorithm, inst.group, op.tensor.nbytes, root=op.root,
-            on_rank_done=lambda i: self._member_done(inst, i),
+            on_rank_done=lambda i: self._member_done(inst, i), view=inst.view,
         )
-        for local, sent in enumerate(sched.bytes_sent()):
-            self.bytes_sent[inst.group[local]] += float(sent)
+        sent = sched.bytes_sent()
+        for local in inst.members:
+            self.bytes_sent[inst.group[local]] += float(sent[local])
 
     def _member_done(self, inst: _Instance, local: int) -> None:
         rank = inst.group[local]
@@ -408,12 +454,16 @@ class _Simulation:
         limit = self.exp.eager_limit
         if limit is not None and nbytes > limit:
             return self._rendezvous(rank, op, route, latency, limit, start)
+        dst, src = op.dst, rank
+        sym = self.symmetry
+        if sym is not None:  # the receiver's representative gets it from the sender's image
+            route, dst, src = sym.path(route), int(sym.rep[dst]), sym.seen_from(rank, dst)
         done = self.network.transfer(route, nbytes, latency)
 
         def delivered(_e):
             now = self.env.now
             self._sent(rank, op, start, now)
-            self._deliver(op.dst, Message(rank, op.tensor, op.tag, op.meta, now))
+            self._deliver(dst, Message(src, op.tensor, op.tag, op.meta, now))
 
         done.callbacks.append(delivered)
         return Handle(done, op)
@@ -503,5 +553,22 @@ class _Envelope:
 
 
 def simulate(experiment) -> RunResult:
-    """Run ``experiment`` in the simulator and return its :class:`RunResult`."""
-    return _Simulation(experiment).run()
+    """Run ``experiment`` in the simulator and return its :class:`RunResult`.
+
+    With ``experiment.fidelity == "auto"`` it simulates one representative per class of
+    interchangeable ranks (:mod:`simulator.symmetry`) where that is exact; a symmetry that
+    fails on the way is dropped and the run starts again without it."""
+    gens, reason = candidates(experiment)
+    cluster = experiment.run_cluster
+    while gens:
+        symmetry = Symmetry.find(cluster, gens)
+        if symmetry is None:
+            gens, reason = gens[:-1], "the strategy's symmetries together do not act freely on the cluster"
+            continue
+        try:
+            return _Simulation(experiment, symmetry,
+                               f"{len(symmetry.simulated)} representatives of {symmetry.order} ranks each").run()
+        except Asymmetric as exc:
+            drop = exc.drop or tuple(range(len(gens)))
+            gens, reason = [g for i, g in enumerate(gens) if i not in drop], exc.reason
+    return _Simulation(experiment, None, reason).run()

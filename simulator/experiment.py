@@ -41,6 +41,8 @@ from simulator.memory import OUT_OF_MEMORY
 from simulator.workload import Workload
 from strategies import STRATEGIES, strategy_from_dict
 
+FIDELITIES = ("auto", "full")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Experiment:
@@ -63,6 +65,13 @@ class Experiment:
     compute: ComputeModel = field(default_factory=ComputeModel)
     collective_model: str = "auto"
     """"auto" takes the exact closed-form fast path where it applies; "stepped" never does."""
+    fidelity: str = "auto"
+    """``auto``: where ranks are interchangeable (a strategy's replicas and tensor-parallel
+    ranks on a symmetric cluster, without per-rank noise), simulate one representative per
+    class and let it stand for the others (:mod:`simulator.symmetry`); it gives the same
+    iteration times, bytes and memory as simulating every rank, and falls back to that
+    wherever it could not. ``full``: simulate every rank. ``result.stats["fidelity"]`` and
+    ``["fidelity_reason"]`` say which ran and why."""
     eager_limit: float | None = None
     """Point-to-point messages up to this many bytes flow as soon as they are sent (eager);
     of a larger one only the first ``eager_limit`` bytes do, and the rest once the receiver
@@ -125,6 +134,8 @@ class Experiment:
             raise ValueError(
                 f"Experiment.collective_model must be one of {COLLECTIVE_MODELS}, got {self.collective_model!r}"
             )
+        if not isinstance(self.fidelity, str) or self.fidelity not in FIDELITIES:
+            raise ValueError(f"Experiment.fidelity must be one of {FIDELITIES}, got {self.fidelity!r}")
         if self.eager_limit is not None and (
                 isinstance(self.eager_limit, bool) or not isinstance(self.eager_limit, int | float)
                 or not self.eager_limit >= 0):
@@ -226,6 +237,7 @@ class Experiment:
             "precision": self.precision,
             "optimizer": self.optimizer,
             "collective_model": self.collective_model,
+            "fidelity": self.fidelity,
             "eager_limit": self.eager_limit,
             "out_of_memory": self.out_of_memory,
             "compute": self.compute.to_dict(),

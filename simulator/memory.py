@@ -45,8 +45,12 @@ class OutOfMemoryError(ValueError):
     """An experiment needs more memory on a device than it has."""
 
 
-def memory_table(experiment) -> pd.DataFrame:
-    """Bytes each rank needs at its peak, by component, against its device's capacity."""
+def memory_table(experiment, representatives=None) -> pd.DataFrame:
+    """Bytes each rank needs at its peak, by component, against its device's capacity.
+
+    ``representatives``: ``representatives[r]`` is a rank whose needs ``r``'s equal (the
+    strategy's symmetries map one onto the other; :mod:`simulator.symmetry`); each is
+    worked out once."""
     from strategies.residency import replicated
 
     cluster = experiment.run_cluster
@@ -77,7 +81,12 @@ def memory_table(experiment) -> pd.DataFrame:
         return out_prefix[b] - out_prefix[a] + first_input[a]
 
     rows = []
+    worked: dict[int, dict] = {}
     for rank in range(cluster.world_size):
+        rep = rank if representatives is None else int(representatives[rank])
+        if rep in worked:
+            rows.append({**worked[rep], "rank": rank})
+            continue
         held = state(job, rank) if callable(state) else replicated(job, rank)
         w = 4 if held.fp32 else e
         acts = 0.0
@@ -103,6 +112,7 @@ def memory_table(experiment) -> pd.DataFrame:
         row["capacity"] = float(device.mem_capacity)
         row["fits"] = row["total"] <= row["capacity"]
         rows.append(row)
+        worked[rank] = row
     return pd.DataFrame(rows, columns=MEMORY_COLUMNS)
 
 

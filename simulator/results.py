@@ -92,6 +92,9 @@ def build_result(sim, stats: dict) -> RunResult:
     names = [link.name for link in cluster.links]
     spans = pd.DataFrame(sim.spans, columns=["rank", "stream", "name", "start", "end", "iteration"])
     spans.insert(0, "resource", "rank" + spans["rank"].astype(str) + "/" + spans["stream"])
+    stands_for = getattr(sim, "stands_for", None)
+    if stands_for:  # representatives: say how many ranks each span stands for
+        spans["resource"] += " (stands for " + spans["rank"].map(stands_for).astype(str) + " ranks)"
     if net.busy_intervals:
         lk = np.array(net.busy_intervals)
         idx = lk[:, 0].astype(int)

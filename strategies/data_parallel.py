@@ -74,6 +74,12 @@ class Bucketed:
             first_bucket_bytes=self.first_bucket_mb * MIB,
         )
 
+    def symmetries(self, job: Job) -> str:
+        """Every GPU rank runs the same program on its own data: any permutation of the
+        ranks maps the programs onto each other (the simulator keeps those that also map
+        the cluster and each collective's schedule onto themselves)."""
+        return "any"
+
     def bucket_memory(self, job: Job) -> float:
         """Bytes of the bucket buffers and of the compressor's buffers."""
         buckets = self.buckets(job)

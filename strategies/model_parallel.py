@@ -565,6 +565,18 @@ class Hybrid:
 
         return worker
 
+    def symmetries(self, job: Job) -> tuple[tuple[int, ...], ...]:
+        """Rank permutations the programs respect: the data-parallel coordinate shifted by
+        one replica, and the tensor-parallel one by one rank (every replica of a stage, and
+        every tensor-parallel rank of it, runs the same program on its own groups)."""
+        lay = self._layout(job)
+        gens = []
+        for axis, size in ((2, lay.dp), (0, lay.tp)):
+            if size > 1:
+                shifted = [tuple((x + 1) % size if i == axis else x for i, x in enumerate(c)) for c in lay.coords]
+                gens.append(tuple(lay.rank_of[c] for c in shifted))
+        return tuple(gens)
+
     def tensor_group(self, job: Job, rank: int) -> tuple[int, ...]:
         """The ranks of ``rank``'s tensor-parallel group, in split order (``(rank,)`` without
         tensor parallelism): realrun keeps rank ``i`` of the group's share ``i`` of each split layer."""
