@@ -34,7 +34,7 @@ the step-by-step path.
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -60,6 +60,11 @@ class _Bundle:
     """The schedule's steps the bundle stands for (messages on its critical path)."""
 
 
+def key_of(sched, group) -> tuple:
+    """What identifies a collective's flows: its schedule's shape and its group."""
+    return (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+
+
 @lru_cache(maxsize=256)
 def _schedule(op, algorithm, p, nbytes, root, node_of):
     return schedule(op, algorithm, p, nbytes, root=root, node_of=node_of)
@@ -80,6 +85,7 @@ class CollectiveRunner:
         """A :class:`simulator.symmetry.Symmetry` when only representatives are simulated."""
         self._bundles: dict = {}
         self._projected: dict = {}
+        self._geometries: dict = {}
         self._node_of: dict[int, tuple] = {}
         self._plans: dict = {}
         self._routes: dict[tuple[int, int], tuple[tuple[int, ...], float]] = {}
@@ -128,6 +134,8 @@ class CollectiveRunner:
             for i in members:
                 on_rank_done(i)
             return sched
+        if view is not None and view[1] and key_of(sched, group) not in self._projected:
+            self.symmetry.check_phases(sched, view)  # before the bundles: it is cheaper
         bundles = self._bundle(sched, group) if self.model == "auto" else None
         if view is not None and (bundles is not None or view[1]):
             bundles = self._project(sched, group, bundles, view)
@@ -157,19 +165,17 @@ class CollectiveRunner:
         schedule; a group of representatives alone may step, on representative links."""
         from simulator.symmetry import Asymmetric
 
-        key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+        key = key_of(sched, group)
         if key not in self._projected:
             if bundles is None:
                 raise Asymmetric(f"{sched.op}/{sched.algorithm} on a group its images share has no closed form",
                                  view[1])
-            if view[1]:
-                self.symmetry.check_phases(sched, view)
             self._projected[key] = self.symmetry.project(bundles, view)
         return self._projected[key]
 
     # fast path
     def _bundle(self, sched, group) -> tuple[_Bundle, ...] | None:
-        key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+        key = key_of(sched, group)
         if key not in self._bundles:
             self._bundles[key] = self._make_bundles(sched, group)
         return self._bundles[key]
@@ -196,28 +202,40 @@ class CollectiveRunner:
             bundles.append(bundle)
         return tuple(bundles)
 
+    def _geometry(self, pairs, group):
+        """(links the pairs use, each pair's latency, each pair's bottleneck) of one step's
+        pairs in ``group``, or None when two of them share a link; cached, as many
+        collectives of one group differ only in their sizes."""
+        key = (pairs, group)
+        if key not in self._geometries:
+            links = self.cluster.links
+            used: dict[int, None] = {}
+            lat = np.empty(len(pairs))
+            bw = np.empty(len(pairs))
+            shared = False
+            for i, (s, d) in enumerate(pairs):
+                route = self.cluster.route(group[s], group[d])
+                for link in route:
+                    shared = shared or link in used
+                    used[link] = None
+                lat[i] = math.fsum(links[k].latency for k in route)  # as Cluster.path_latency
+                bw[i] = min(links[k].bandwidth for k in route)
+            self._geometries[key] = None if shared else (tuple(used), lat, bw)
+        return self._geometries[key]
+
     def _run_bundle(self, run, group):
         """One bundle for a run of phases with the same pairs, or None if it can't be exact.
 
         Returns (bundle, uniform, everyone): uniform when every pair sees the same
         latency and bottleneck; everyone when every member both sends and receives.
         """
-        cluster = self.cluster
+        geometry = self._geometry(run[0].pairs, group)
+        if geometry is None:
+            return None  # two transfers of one step share a link
+        path, lat, bw = geometry
         pairs = run[0].pairs
         p = len(group)
-        link_bytes: Counter = Counter()
-        used: set[int] = set()
         run_bytes = sum(ph.repeat * ph.nbytes for ph in run)
-        lat = np.empty(len(pairs))
-        bw = np.empty(len(pairs))
-        for i, (s, d) in enumerate(pairs):
-            gs, gd = group[s], group[d]
-            for link in cluster.route(gs, gd):
-                if link in used:
-                    return None  # two transfers of one step share a link
-                used.add(link)
-                link_bytes[link] += run_bytes
-            lat[i], bw[i] = cluster.path_latency(gs, gd), cluster.path_bandwidth(gs, gd)
         src = np.array([s for s, _ in pairs])
         dst = np.array([d for _, d in pairs])
         everyone = set(src.tolist()) == set(dst.tolist()) == set(range(p))
@@ -225,6 +243,26 @@ class CollectiveRunner:
         # free when its bytes have left, a receiver when they have arrived. No link carries
         # two transfers of a step and every step repeats the same pairs, so a link only ever
         # carries one pair's transfers, one at a time: the stepped flows never share.
+        total = _run_finish(run, src, dst, bw, lat, p)
+        b = float(bw.min())
+        # The bundle drains at its most constrained link; the rest of the time is latency.
+        # Each link carries one pair's transfers: the run's bytes.
+        bundle = _Bundle(path, (run_bytes,) * len(path), run_bytes, max(total - run_bytes / b, 0.0),
+                         sum(ph.repeat for ph in run))
+        return bundle, len(set(zip(lat.tolist(), bw.tolist(), strict=True))) == 1, everyone
+
+
+def _run_finish(run, src, dst, bw, lat, p: int) -> float:
+    """When the last member leaves a run of phases that all start at 0, by the stepped rules:
+    each step, a sender is free ``drain`` after it was, a receiver when the bytes arrive
+    (``drain + lat`` after its sender was free), whichever is later for a rank that does both.
+
+    The levels follow a max-plus linear recurrence ``level' = level (x) M``. Where the pairs
+    and their links repeat every ``q`` members (a ring over nodes of 8 GPUs: q = 8), the
+    levels do too, so ``q`` states suffice and ``M`` is raised to each phase's repeat by
+    squaring: a 16384-rank ring costs what an 8-rank one does."""
+    q = _period(src, dst, bw, lat, p)
+    if q > 64:  # no short period: step the recurrence over every member
         level = np.zeros(p)
         for ph in run:
             drain = ph.nbytes / bw
@@ -234,14 +272,60 @@ class CollectiveRunner:
                 nxt[src] = start + drain
                 np.maximum.at(nxt, dst, start + drain + lat)
                 level = nxt
-        total = float(level.max())
-        b = float(bw.min())
-        path = tuple(link_bytes)
-        # The bundle drains at its most constrained link; the rest of the time is latency.
-        assert min(cluster.links[i].bandwidth for i in path) == b
-        bundle = _Bundle(path, tuple(link_bytes[i] for i in path), run_bytes, max(total - run_bytes / b, 0.0),
-                         sum(ph.repeat for ph in run))
-        return bundle, len(set(zip(lat.tolist(), bw.tolist(), strict=True))) == 1, everyone
+        return float(level.max())
+    level = np.zeros(q)
+    into = dst < q  # one member of each class receives for the class
+    for ph in run:
+        drain = ph.nbytes / bw
+        m = np.full((q, q), -np.inf)
+        own = np.zeros(q)  # a member that does not send keeps its level
+        for j in np.nonzero(src < q)[0]:
+            own[src[j]] = drain[j]  # in pair order, as the stepped assignment leaves it
+        m[np.arange(q), np.arange(q)] = own
+        for j in np.nonzero(into)[0]:
+            a, b = src[j] % q, dst[j]
+            m[a, b] = max(m[a, b], drain[j] + lat[j])
+        level = _max_plus_vector(level, _max_plus_power(m, ph.repeat))
+    return float(level.max())
+
+
+def _period(src, dst, bw, lat, p: int) -> int:
+    """The least ``q`` dividing ``p`` such that moving every member ``q`` on maps the pairs,
+    with their bandwidth and latency, onto themselves (``p`` when no less one does)."""
+    key = src * p + dst
+    order = np.argsort(key)
+    key, bw, lat = key[order], bw[order], lat[order]
+    for q in range(1, p):
+        if p % q:
+            continue
+        moved = ((src[order] + q) % p) * p + (dst[order] + q) % p
+        at = np.searchsorted(key, moved)
+        if (at < len(key)).all() and (key[np.minimum(at, len(key) - 1)] == moved).all() \
+                and (bw[at] == bw).all() and (lat[at] == lat).all():
+            return q
+        if q > 64:
+            break
+    return p
+
+
+def _max_plus_power(m: np.ndarray, k: int) -> np.ndarray:
+    """``m`` to the ``k``-th power (``k >= 1``) in the max-plus semiring."""
+    result = None
+    while k:
+        if k & 1:
+            result = m if result is None else _max_plus(result, m)
+        k >>= 1
+        if k:
+            m = _max_plus(m, m)
+    return result
+
+
+def _max_plus(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a[:, :, None] + b[None, :, :]).max(axis=1)
+
+
+def _max_plus_vector(v: np.ndarray, m: np.ndarray) -> np.ndarray:
+    return (v[:, None] + m).max(axis=0)
 
 
 class _StepPlan:

@@ -23,7 +23,7 @@ import dataclasses
 import gc
 import time
 import warnings
-from collections import deque
+from collections import defaultdict, deque
 
 import numpy as np
 import pandas as pd
@@ -86,6 +86,27 @@ class _Instance:
         self.start = None
 
 
+class _RankGenerators:
+    """One generator per rank, made when first used: rank ``r``'s is the ``r``-th child of the
+    experiment's seed sequence (``SeedSequence(seed).spawn(world)[r]``), whoever asks first."""
+
+    def __init__(self, seed: int, world: int):
+        self._seed = seed
+        self._world = world
+        self._made: dict[int, np.random.Generator] = {}
+
+    def __len__(self) -> int:
+        return self._world
+
+    def __getitem__(self, rank: int) -> np.random.Generator:
+        rng = self._made.get(rank)
+        if rng is None:
+            if not 0 <= rank < self._world:
+                raise IndexError(rank)
+            rng = self._made[rank] = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(rank,)))
+        return rng
+
+
 class _Simulation:
     def __init__(self, experiment, symmetry: Symmetry | None = None, reason: str = ""):
         self.exp = experiment
@@ -94,7 +115,7 @@ class _Simulation:
         self.env = env = simpy.Environment()
         # Independent streams per rank, all from the experiment's seed.
         cluster = experiment.run_cluster
-        self.rngs = [np.random.default_rng(s) for s in np.random.SeedSequence(experiment.seed).spawn(cluster.world_size)]
+        self.rngs = _RankGenerators(experiment.seed, cluster.world_size)
         self.cluster = cluster
         self.world = world = cluster.world_size
         self.network = Network.for_links(env, cluster.links)
@@ -132,8 +153,8 @@ class _Simulation:
         self._group_by_object: dict[int, tuple[tuple[int, ...], int]] = {}
         self._group_index: dict[int, dict[int, int]] = {}
         self._instances: dict[tuple[int, int], _Instance] = {}
-        self._mailbox = [deque() for _ in range(world)]
-        self._waiting: list[list] = [[] for _ in range(world)]
+        self._mailbox: defaultdict[int, deque] = defaultdict(deque)  # made per rank that receives
+        self._waiting: defaultdict[int, list] = defaultdict(list)
         self._blocked_on: list = [None] * world
         self._finished = [False] * world
 

@@ -80,7 +80,7 @@ def cluster_candidates(cluster) -> list[np.ndarray]:
     return gens
 
 
-def link_permutation(cluster, perm: np.ndarray) -> np.ndarray | None:
+def link_permutation(cluster, perm: np.ndarray, kinds: np.ndarray | None = None) -> np.ndarray | None:
     """The link permutation that rank permutation ``perm`` induces, or None when ``perm``
     is not an automorphism of ``cluster`` (nodes onto nodes, NICs onto NICs, leaves onto
     leaves with the same spine for every NIC, equal devices and link specs)."""
@@ -147,10 +147,17 @@ def link_permutation(cluster, perm: np.ndarray) -> np.ndarray | None:
     out[unset] = np.nonzero(unset)[0]
     if not np.array_equal(np.sort(out), np.arange(len(links))):
         return None
-    spec = [(lk.bandwidth, lk.latency, lk.window, lk.burst, lk.burst_bandwidth) for lk in links]
-    if any(spec[i] != spec[j] for i, j in enumerate(out.tolist())):
+    kinds = _link_kinds(links) if kinds is None else kinds
+    if not np.array_equal(kinds[out], kinds):
         return None
     return out
+
+
+def _link_kinds(links) -> np.ndarray:
+    """A number per link, equal for links of equal bandwidth, latency, window and bucket."""
+    specs = {}
+    return np.array([specs.setdefault((lk.bandwidth, lk.latency, lk.window, lk.burst, lk.burst_bandwidth), len(specs))
+                     for lk in links])
 
 
 def _orbits(gens: list[np.ndarray], n: int) -> tuple[np.ndarray, list[int]] | None:
@@ -163,15 +170,9 @@ def _orbits(gens: list[np.ndarray], n: int) -> tuple[np.ndarray, list[int]] | No
     orders = []
     label = np.arange(n)
     for gen in gens:
-        # cycles of one generator: every cycle must have the same length (free action)
-        cur, order = gen.copy(), 1
-        while not np.array_equal(cur, np.arange(n)):
-            if (cur == np.arange(n)).any():
-                return None  # some element fixed by a power that moves others
-            cur = gen[cur]
-            order += 1
-            if order > n:
-                return None
+        order = _cycle_length(gen)
+        if order is None:
+            return None
         orders.append(order)
     # union of orbits: propagate the lowest label until stable
     while True:
@@ -190,6 +191,27 @@ def _orbits(gens: list[np.ndarray], n: int) -> tuple[np.ndarray, list[int]] | No
     if not (counts[counts > 0] == size).all():
         return None
     return label, orders
+
+
+def _cycle_length(gen: np.ndarray) -> int | None:
+    """The length every cycle of permutation ``gen`` has, or None if they differ (then some
+    power of ``gen`` fixes one element and moves another: not a free action)."""
+    seen = np.zeros(len(gen), dtype=bool)
+    step = gen.tolist()
+    length = None
+    for start in range(len(gen)):
+        if seen[start]:
+            continue
+        k, x = 0, start
+        while not seen[x]:
+            seen[x] = True
+            x = step[x]
+            k += 1
+        if length is None:
+            length = k
+        elif k != length:
+            return None
+    return length
 
 
 class Symmetry:
@@ -228,8 +250,9 @@ class Symmetry:
         if not gens:
             return None
         link_gens = []
+        kinds = _link_kinds(cluster.links)
         for gen in gens:
-            lp = link_permutation(cluster, gen)
+            lp = link_permutation(cluster, gen, kinds)
             if lp is None:
                 return None
             link_gens.append(lp)
@@ -377,20 +400,21 @@ def candidates(exp) -> tuple[list[np.ndarray], str]:
         return [], "one rank"
     offered = offer(exp.job())
     gens = cluster_candidates(cluster) if offered == "any" else [np.asarray(g) for g in offered]
-    gens = [h for h in (_cluster_power(cluster, g) for g in gens) if h is not None]
+    kinds = _link_kinds(cluster.links)
+    gens = [h for h in (_cluster_power(cluster, g, kinds) for g in gens) if h is not None]
     if not gens:
         return [], "no symmetry of the strategy's ranks is one of the cluster"
     return gens, ""
 
 
-def _cluster_power(cluster, gen: np.ndarray) -> np.ndarray | None:
+def _cluster_power(cluster, gen: np.ndarray, kinds: np.ndarray) -> np.ndarray | None:
     """The lowest power of ``gen`` that is an automorphism of the cluster (a replica shift
     that moves half a node, taken twice, moves a whole node), or None."""
     cur = gen
     for _ in range(len(gen)):
         if np.array_equal(cur, np.arange(len(gen))):
             return None
-        if link_permutation(cluster, cur) is not None:
+        if link_permutation(cluster, cur, kinds) is not None:
             return cur
         cur = gen[cur]
     return None
