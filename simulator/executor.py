@@ -33,6 +33,7 @@ from simulator.collectives import CollectiveRunner
 from simulator.compute import ComputeTimer, SharedCores
 from simulator.memory import check_memory, memory_table
 from simulator.network import Network
+from simulator.records import SpanLog
 from simulator.results import ITERATION_COLUMNS, RunResult, build_result
 from simulator.symmetry import Asymmetric, Symmetry, candidates
 from strategies.context import RankContext
@@ -135,7 +136,7 @@ class _Simulation:
         self.job = experiment.job()
         self.everyone = tuple(range(world))
         # records
-        self.spans: list[tuple] = []  # (rank, stream, name, start, end, iteration)
+        self.spans = SpanLog()  # (rank, stream, name, start, end, iteration)
         self.iteration_rows: list[tuple] = []
         self.update_rows: list[tuple] = []
         self._versions: dict[int, int] = {}  # shard -> updates applied
@@ -310,7 +311,7 @@ class _Simulation:
                 else:
                     yield self._busy(dur)
                     value = True
-                spans.append((rank, "compute", name, start, env.now, it))
+                spans.append(rank, "compute", name, start, env.now, it)
                 self._compute_acc[rank] += env.now - start
                 if value and kind == "forward" and op.segment[0] == 0 and not op.recompute and (
                         op.tp_group is None or op.tp_group[0] == rank):
@@ -322,7 +323,7 @@ class _Simulation:
                     kind = "encode" if type(op) is Encode else "decode"
                     base = timer.cost_time(rank, op.cost) * self._cost_scale.get(f"{op.compressor.name}.{kind}", 1.0)
                     yield self._busy(timer.scale(rank, base, now=start, iteration=it))
-                    spans.append((rank, "compute", f"{kind}[{op.tensor.name}]", start, env.now, it))
+                    spans.append(rank, "compute", f"{kind}[{op.tensor.name}]", start, env.now, it)
                     self._compute_acc[rank] += env.now - start
             elif type(op) is Apply:
                 value = yield from self._apply(rank, op)
@@ -375,7 +376,7 @@ class _Simulation:
             base = self.timer.apply_time(rank, elements, len(op.grads), kernels)
             dur = self.timer.scale(rank, base, now=start)
             yield self._busy(dur)
-            self.spans.append((rank, "compute", f"apply[shard {op.shard}]", start, env.now, self._iteration[rank]))
+            self.spans.append(rank, "compute", f"apply[shard {op.shard}]", start, env.now, self._iteration[rank])
         version = self._versions.get(op.shard, 0)
         now = env.now
         for applied, messages in ((True, op.grads), (False, op.dropped)):
@@ -459,7 +460,7 @@ class _Simulation:
         rank = inst.group[local]
         now = self.env.now
         op = inst.op
-        self.spans.append((rank, "comm", f"{op.op}:{op.tensor.name}", inst.start, now, self._iteration[rank]))
+        self.spans.append(rank, "comm", f"{op.op}:{op.tensor.name}", inst.start, now, self._iteration[rank])
         self._comm_acc[rank] += now - inst.start
         inst.events[local].succeed()
 
@@ -490,7 +491,7 @@ class _Simulation:
         return Handle(done, op)
 
     def _sent(self, rank: int, op: Send, start: float, now: float) -> None:
-        self.spans.append((rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, now, self._iteration[rank]))
+        self.spans.append(rank, "comm", f"send:{op.tensor.name}->{op.dst}", start, now, self._iteration[rank])
         self._comm_acc[rank] += now - start
 
     def _rendezvous(self, rank, op, route, latency, limit, start) -> Handle:

@@ -90,7 +90,7 @@ def build_result(sim, stats: dict) -> RunResult:
     cluster = sim.cluster
     net = sim.network
     names = [link.name for link in cluster.links]
-    spans = pd.DataFrame(sim.spans, columns=["rank", "stream", "name", "start", "end", "iteration"])
+    spans = sim.spans.frame()
     spans.insert(0, "resource", "rank" + spans["rank"].astype(str) + "/" + spans["stream"])
     stands_for = getattr(sim, "stands_for", None)
     if stands_for:  # representatives: say how many ranks each span stands for
