@@ -81,7 +81,7 @@ def _positive_int(value: Any, field: str) -> int:
     return int(value)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, kw_only=True, slots=True)
 class Link:
     """One directed link instance in the network graph; its id is its index in ``Cluster.links``."""
 
@@ -398,8 +398,12 @@ class Cluster:
         def add(name: str, bandwidth: float, latency: float, spec: LinkSpec, shaped: bool = True) -> int:
             """A link of kind ``spec`` (its flow window; its token bucket if ``shaped``: a
             node's port, not a fabric link)."""
-            bucket = {"burst": spec.burst, "burst_bandwidth": spec.burst_bandwidth} if shaped else {}
-            links.append(Link(name=name, bandwidth=bandwidth, latency=latency, window=spec.flow_window, **bucket))
+            if shaped:
+                link = Link(name=name, bandwidth=bandwidth, latency=latency, window=spec.flow_window,
+                            burst=spec.burst, burst_bandwidth=spec.burst_bandwidth)
+            else:
+                link = Link(name=name, bandwidth=bandwidth, latency=latency, window=spec.flow_window)
+            links.append(link)
             return len(links) - 1
 
         # Halving is exact in binary floating point, so up + down == the catalogue latency.

@@ -35,7 +35,7 @@ from simulator.memory import check_memory, memory_table
 from simulator.network import Network
 from simulator.records import SpanLog
 from simulator.results import ITERATION_COLUMNS, RunResult, build_result
-from simulator.symmetry import Asymmetric, Symmetry, candidates
+from simulator.symmetry import Asymmetric, Symmetry, candidates, link_kinds
 from strategies.context import RankContext
 from strategies.ops import (
     Apply,
@@ -154,6 +154,7 @@ class _Simulation:
         self._group_by_object: dict[int, tuple[tuple[int, ...], int]] = {}
         self._group_index: dict[int, dict[int, int]] = {}
         self._instances: dict[tuple[int, int], _Instance] = {}
+        self._sent_by_schedule: dict[int, tuple] = {}  # id(schedule) -> (schedule, bytes each member sends)
         self._mailbox: defaultdict[int, deque] = defaultdict(deque)  # made per rank that receives
         self._waiting: defaultdict[int, list] = defaultdict(list)
         self._blocked_on: list = [None] * world
@@ -452,7 +453,10 @@ class _Simulation:
             op.op, op.algorithm, inst.group, op.tensor.nbytes, root=op.root,
             on_rank_done=lambda i: self._member_done(inst, i), view=inst.view,
         )
-        sent = sched.bytes_sent()
+        hit = self._sent_by_schedule.get(id(sched))
+        if hit is None or hit[0] is not sched:  # holds sched, so its id stays unique
+            hit = self._sent_by_schedule[id(sched)] = (sched, sched.bytes_sent())
+        sent = hit[1]
         for local in inst.members:
             self.bytes_sent[inst.group[local]] += float(sent[local])
 
@@ -582,8 +586,9 @@ def simulate(experiment) -> RunResult:
     fails on the way is dropped and the run starts again without it."""
     gens, reason = candidates(experiment)
     cluster = experiment.run_cluster
+    kinds = link_kinds(cluster.links) if gens else None
     while gens:
-        symmetry = Symmetry.find(cluster, gens)
+        symmetry = Symmetry.find(cluster, gens, kinds)
         if symmetry is None:
             gens, reason = gens[:-1], "the strategy's symmetries together do not act freely on the cluster"
             continue

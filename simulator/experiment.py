@@ -143,6 +143,7 @@ class Experiment:
         if self.out_of_memory not in OUT_OF_MEMORY:
             raise ValueError(f"Experiment.out_of_memory must be one of {OUT_OF_MEMORY}, got {self.out_of_memory!r}")
         object.__setattr__(self, "_run_cluster", self._place_hosts())
+        object.__setattr__(self, "_job", self._make_job())  # derived once: a Job is immutable
         check = getattr(self.strategy, "check", None)
         if callable(check):
             check(self.job())
@@ -186,7 +187,11 @@ class Experiment:
         return b if isinstance(b, tuple) else (b,) * self.cluster.num_gpus
 
     def job(self):
-        """The :class:`strategies.Job` role programs see."""
+        """The :class:`strategies.Job` role programs see (one per experiment: strategies
+        cache their layout on it)."""
+        return self._job  # set in __post_init__
+
+    def _make_job(self):
         from strategies.context import Job
 
         cluster = self.run_cluster

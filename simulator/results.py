@@ -118,13 +118,18 @@ def build_result(sim, stats: dict) -> RunResult:
     })
     # Carried bytes over capacity: the same whichever way collectives were simulated.
     links["utilisation"] = links["bytes"] / (links["bandwidth"] * makespan) if makespan > 0 else 0.0
+    gpus = cluster.num_gpus
+    peaks: dict = {}  # per (device, host): a few devices serve thousands of ranks
+    for r, d in enumerate(sim.devices):
+        # Host processes (servers) compute in fp32 whatever the training precision.
+        if (id(d), r >= gpus) not in peaks:
+            peaks[(id(d), r >= gpus)] = d.flops("fp32" if r >= gpus else exp.precision)
     ranks = pd.DataFrame({
         "rank": np.arange(sim.world),
-        "node": [cluster.node_of(r) for r in range(sim.world)],
+        "node": list(sim.job.node_of),
         "device": [d.name for d in sim.devices],
-        "kind": ["host" if cluster.is_host(r) else "gpu" for r in range(sim.world)],
-        # Host processes (servers) compute in fp32 whatever the training precision.
-        "peak_flops": [d.flops("fp32" if cluster.is_host(r) else exp.precision) for r, d in enumerate(sim.devices)],
+        "kind": np.where(np.arange(sim.world) >= gpus, "host", "gpu"),
+        "peak_flops": [peaks[(id(d), r >= gpus)] for r, d in enumerate(sim.devices)],
         "bytes_sent": sim.bytes_sent,
     })
     workload = exp.workload
