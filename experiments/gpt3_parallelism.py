@@ -103,8 +103,12 @@ def run_grid(out: Path, workload: Workload, points: list[dict], *, gpus: int = 1
         dp = gpus // (pt["tp"] * pt["pp"])
         batch = global_batch // dp
         m = batch // pt["micro_batch_size"]
-        exp = Experiment(workload=workload, cluster=cluster(gpus // 8), batch_size=batch,
-                         strategy=strategy(pt["tp"], pt["pp"], m, pt["schedule"], pt["chunks"]), **SETTINGS)
+        try:
+            exp = Experiment(workload=workload, cluster=cluster(gpus // 8), batch_size=batch,
+                             strategy=strategy(pt["tp"], pt["pp"], m, pt["schedule"], pt["chunks"]), **SETTINGS)
+        except ValueError as exc:  # e.g. interleaving needs the micro-batches to be a multiple of pp
+            print(f"skipped tp={pt['tp']} pp={pt['pp']} dp={dp} m={m} {pt['schedule']}: {exc}", flush=True)
+            continue
         jobs.append((exp, {**pt, "dp": dp, "micro_batches": m}))
     rows = []
     with (out / "gpt3_grid.csv").open("w", newline="") as f, ProcessPoolExecutor(processes or os.cpu_count()) as pool:
