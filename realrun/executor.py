@@ -70,6 +70,7 @@ from strategies.ops import (
     RecvAny,
     Send,
     Wait,
+    counted_samples,
 )
 
 _SUSPEND = object()
@@ -468,8 +469,7 @@ class TorchExecutor:
             self._last_out[rec.seg[1]] = out.detach()
         if rec.target is not None:  # else a layer hook ended it, and the program went on from there
             self._piece_done(rec)
-        if a == 0 and not rec.recompute:
-            self.rec.samples(op.samples)
+        self.rec.samples(counted_samples(op, self.rank))
         return True
 
     def _new_record(self, op: Forward, size: int, lo: int) -> _Record:

@@ -50,6 +50,7 @@ from strategies.ops import (
     RecvAny,
     Send,
     Wait,
+    counted_samples,
 )
 
 _COMPUTE_KIND = {Forward: "forward", Backward: "backward", OptimizerStep: "optimizer_step"}
@@ -314,9 +315,8 @@ class _Simulation:
                     value = True
                 spans.append(rank, "compute", name, start, env.now, it)
                 self._compute_acc[rank] += env.now - start
-                if value and kind == "forward" and op.segment[0] == 0 and not op.recompute and (
-                        op.tp_group is None or op.tp_group[0] == rank):
-                    self._samples_acc[rank] += op.samples
+                if value and kind == "forward":
+                    self._samples_acc[rank] += counted_samples(op, rank)
             elif type(op) is Encode or type(op) is Decode:
                 it = self._iteration[rank]
                 start = env.now

@@ -103,6 +103,16 @@ class Forward:
     """Re-run for backward (activation checkpointing): keeps nothing, counts no samples."""
 
 
+def counted_samples(op: Forward, rank: int) -> int:
+    """Samples a completed forward adds to ``rank``'s throughput: its micro-batch when it
+    starts the model (layer 0) and is not a recomputation, on the first rank of its
+    tensor-parallel group only (the group's ranks see the same samples); else 0. Both
+    executors count by this, so their throughputs compare."""
+    if op.segment[0] != 0 or op.recompute or (op.tp_group is not None and op.tp_group[0] != rank):
+        return 0
+    return op.samples
+
+
 @dataclass(frozen=True, slots=True)
 class Backward:
     """Backward pass of layers ``segment = [start, stop)`` for one micro-batch."""
