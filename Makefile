@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	# pytest exits 5 when it collects nothing: an empty suite is a failure here
 	$(BIN)/python -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
+
+# Without the tests that start processes or namespaces, and with a smaller hypothesis
+# budget: under a minute, for the edit-test loop. CI runs `make test`.
+test-fast: $(VENV)/.installed
+	$(BIN)/ruff check .
+	CLUSTERSIM_FAST=1 $(BIN)/python -m pytest -q -m "not spawns"; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "no tests were collected" >&2; exit 1; fi; exit $$status
 
 bench: $(VENV)/.installed

@@ -237,6 +237,7 @@ def test_message_delay_fit_recovers_the_simulated_round_trips():
         fit_message_delay(table.drop(columns="busy"), baseline)
 
 
+@pytest.mark.spawns
 def test_calibration_applies_and_saves_the_message_delay(tmp_path, small_calibration):
     exp, measured, _ = small_calibration
     assert measured.message_delay == ()  # calibrate() without links measures none
@@ -435,6 +436,7 @@ def small_calibration(tmp_path_factory):
     return exp, calibrate(exp, repeats=3, out=folder), folder
 
 
+@pytest.mark.spawns
 def test_calibrate_measures_every_layer_and_round_trips(small_calibration):
     exp, cal, folder = small_calibration
     assert cal.workload.calibration_batch == 16
@@ -452,6 +454,7 @@ def test_calibrate_measures_every_layer_and_round_trips(small_calibration):
     assert Experiment.from_dict(spec).workload == cal.workload
 
 
+@pytest.mark.spawns
 def test_calibrated_experiment_uses_the_measurements(small_calibration):
     exp, cal, _ = small_calibration
     model = cal.apply(exp)
@@ -473,6 +476,7 @@ def test_calibrated_experiment_uses_the_measurements(small_calibration):
         cal.apply(other)
 
 
+@pytest.mark.spawns
 def test_calibrate_rejects_bad_arguments(small_calibration):
     exp = small_calibration[0]
     for kw, field in (({"device": "tpu"}, "device"), ({"threads": 0}, "threads"), ({"repeats": 1}, "repeats"),
@@ -533,6 +537,7 @@ def test_compare_gives_relative_errors():
     assert summary.loc[0, "max_abs_error"] == pytest.approx(0.3) and summary.loc[0, "worst"] == "f"
 
 
+@pytest.mark.spawns
 def test_validate_rejects_bad_input(small_calibration):
     exp = small_calibration[0]
     with pytest.raises(ValueError, match="empty"):
@@ -549,6 +554,7 @@ def test_validate_rejects_bad_input(small_calibration):
         validate([exp], calibration={"small": "cal.json"})
 
 
+@pytest.mark.spawns
 def test_validate_on_local_processes(small_calibration, tmp_path):
     exp, cal, _ = small_calibration
     out = tmp_path / "v.csv"

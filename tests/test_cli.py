@@ -258,6 +258,7 @@ def run_process(*argv, cwd) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
+@pytest.mark.spawns
 def test_real_process(folder, valid_file):
     done = run_process("simulate", valid_file.name, "--out", "out", cwd=folder)
     assert done.returncode == 0, done.stderr

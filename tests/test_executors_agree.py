@@ -24,6 +24,8 @@ from strategies import (
     ZeRO,
 )
 
+pytestmark = pytest.mark.spawns
+
 MLP = Workload.from_zoo("mlp", in_features=16, hidden=[32, 32, 32], out_features=5)
 GPT = Workload.from_zoo("gpt", size="gpt2-small", n_layer=2, d_model=32, n_head=4, vocab_size=64, n_ctx=8,
                         seq_len=8, dropout=0.0)

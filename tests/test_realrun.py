@@ -12,6 +12,8 @@ from strategies import AllReduceSGD, LocalSGD, ParameterServer, PipelineParallel
 from strategies.codecs import decode, encode
 from tests.realrun_helpers import FailingMLP, gradient, reference
 
+pytestmark = pytest.mark.spawns
+
 LR = 0.05
 MLP = Workload.from_zoo("mlp", in_features=16, hidden=[32, 32], out_features=5)
 

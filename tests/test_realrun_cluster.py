@@ -20,6 +20,8 @@ from realrun.linkbench import probe
 from simulator import Cluster, Experiment, Workload
 from strategies import AllReduceSGD
 
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parent.parent
 MLP = Workload.from_zoo("mlp", in_features=64, hidden=[256, 256], out_features=10)
 

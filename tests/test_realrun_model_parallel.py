@@ -15,6 +15,8 @@ from simulator import Cluster, Experiment, Workload
 from strategies import AllReduceSGD, Hybrid, PipelineParallel, TensorParallel, ZeRO
 from tests.realrun_helpers import gradient, reference
 
+pytestmark = pytest.mark.spawns
+
 LR = 0.05
 GPT = Workload.from_zoo("gpt", size="gpt2-small", n_layer=2, d_model=32, n_head=4, vocab_size=64, n_ctx=8,
                         seq_len=8, dropout=0.0)

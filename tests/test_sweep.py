@@ -346,6 +346,7 @@ with ProcessPoolExecutor(max_workers=1) as pool:
 """
 
 
+@pytest.mark.spawns
 def test_killed_sweep_resumes_to_the_same_table(tmp_path):
     base = base_experiment(cluster=cluster(4), iterations=20)
     grid = {"seed": list(range(10)), "strategy.algorithm": ["ring", "tree"], "batch_size": [4, 8]}

@@ -20,6 +20,8 @@ from experiments.validation import cases
 from realrun import EmulatedCluster
 from realrun.validate import error_summary, validate
 
+pytestmark = pytest.mark.spawns
+
 ALARM = 0.10
 """Median |relative error| of iteration time, calibrated, above which CI fails twice in a row
 (the goal is 5 %: see the module's docstring)."""
