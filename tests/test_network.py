@@ -243,3 +243,19 @@ def test_rejects_bad_buckets():
         Network(env, [1.0], bursts=[-1.0], peaks=[2.0])
     with pytest.raises(ValueError, match="peak must exceed"):
         Network(env, [1.0], bursts=[10.0], peaks=[1.0])
+
+
+def test_a_flow_alone_on_its_links_starts_at_once_and_shares_when_another_joins():
+    # A: 100 B over links of 100 and 50 B/s, latency 0.5, alone: 50 B/s from t = 0, without a
+    # recomputation. B: 25 B on the 50 B/s link from t = 1: both get 25 B/s there until B
+    # is done at t = 2; A then has 100 - 50 - 25 = 25 B left at 50 B/s: drained at 2.5, done at 3.
+    log, net = run_flows([100.0, 50.0], [(0, (0, 1), 100.0, 0.5, "A"), (1, (1,), 25.0, 0.0, "B")])
+    assert close(log["B"], 2.0)
+    assert close(log["A"], 3.0)
+    assert net.fast_starts == 1  # B joined a busy link: it went through the recomputation
+
+
+def test_two_flows_starting_together_on_one_link_share_it_from_the_start():
+    log, net = run_flows([10.0], [(0, (0,), 10.0, 0.0, "A"), (0, (0,), 10.0, 0.0, "B")])
+    assert close(log["A"], 2.0) and close(log["B"], 2.0)
+    assert net.fast_starts == 1
