@@ -394,15 +394,19 @@ class Cluster:
     @cached_property
     def _graph(self) -> _Graph:
         links: list[Link] = []
+        new, put = object.__new__, object.__setattr__
 
         def add(name: str, bandwidth: float, latency: float, spec: LinkSpec, shaped: bool = True) -> int:
             """A link of kind ``spec`` (its flow window; its token bucket if ``shaped``: a
             node's port, not a fabric link)."""
-            if shaped:
-                link = Link(name=name, bandwidth=bandwidth, latency=latency, window=spec.flow_window,
-                            burst=spec.burst, burst_bandwidth=spec.burst_bandwidth)
-            else:
-                link = Link(name=name, bandwidth=bandwidth, latency=latency, window=spec.flow_window)
+            # Link(...) field by field, without its keyword handling: a 16384-GPU cluster has 65536
+            link = new(Link)
+            put(link, "name", name)
+            put(link, "bandwidth", bandwidth)
+            put(link, "latency", latency)
+            put(link, "window", spec.flow_window)
+            put(link, "burst", spec.burst if shaped else 0.0)
+            put(link, "burst_bandwidth", spec.burst_bandwidth if shaped else 0.0)
             links.append(link)
             return len(links) - 1
 

@@ -293,6 +293,27 @@ def optimizer_time(params: float, device, optimizer: str, *, kernels: int = 1, p
     return max(t_flops, t_mem) + kernels * device.kernel_overhead
 
 
+class RankGenerators:
+    """One generator per rank, made when first used: rank ``r``'s is the ``r``-th child of the
+    experiment's seed sequence (``SeedSequence(seed).spawn(world)[r]``), whoever asks first."""
+
+    def __init__(self, seed: int, world: int):
+        self._seed = seed
+        self._world = world
+        self._made: dict[int, np.random.Generator] = {}
+
+    def __len__(self) -> int:
+        return self._world
+
+    def __getitem__(self, rank: int) -> np.random.Generator:
+        rng = self._made.get(rank)
+        if rng is None:
+            if not 0 <= rank < self._world:
+                raise IndexError(rank)
+            rng = self._made[rank] = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(rank,)))
+        return rng
+
+
 class ComputeTimer:
     """Per-simulation timing of compute ops: cached prefix sums per device and batch."""
 

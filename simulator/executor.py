@@ -25,17 +25,15 @@ import time
 import warnings
 from collections import defaultdict, deque
 
-import numpy as np
-import pandas as pd
 import simpy
 
 from simulator.collectives import CollectiveRunner
-from simulator.compute import ComputeTimer, SharedCores
+from simulator.compute import ComputeTimer, RankGenerators, SharedCores
 from simulator.memory import check_memory, memory_table
 from simulator.network import Network
 from simulator.records import SpanLog
-from simulator.results import ITERATION_COLUMNS, RunResult, build_result
-from simulator.symmetry import Asymmetric, Symmetry, candidates, link_kinds
+from simulator.results import RunResult, build_result
+from simulator.symmetry import Asymmetric, Symmetry, candidates, link_kinds, stand_in
 from strategies.context import RankContext
 from strategies.ops import (
     Apply,
@@ -88,27 +86,6 @@ class _Instance:
         self.start = None
 
 
-class _RankGenerators:
-    """One generator per rank, made when first used: rank ``r``'s is the ``r``-th child of the
-    experiment's seed sequence (``SeedSequence(seed).spawn(world)[r]``), whoever asks first."""
-
-    def __init__(self, seed: int, world: int):
-        self._seed = seed
-        self._world = world
-        self._made: dict[int, np.random.Generator] = {}
-
-    def __len__(self) -> int:
-        return self._world
-
-    def __getitem__(self, rank: int) -> np.random.Generator:
-        rng = self._made.get(rank)
-        if rng is None:
-            if not 0 <= rank < self._world:
-                raise IndexError(rank)
-            rng = self._made[rank] = np.random.default_rng(np.random.SeedSequence(self._seed, spawn_key=(rank,)))
-        return rng
-
-
 class _Simulation:
     def __init__(self, experiment, symmetry: Symmetry | None = None, reason: str = ""):
         self.exp = experiment
@@ -117,7 +94,7 @@ class _Simulation:
         self.env = env = simpy.Environment()
         # Independent streams per rank, all from the experiment's seed.
         cluster = experiment.run_cluster
-        self.rngs = _RankGenerators(experiment.seed, cluster.world_size)
+        self.rngs = RankGenerators(experiment.seed, cluster.world_size)
         self.cluster = cluster
         self.world = world = cluster.world_size
         self.network = Network.for_links(env, cluster.links)
@@ -201,30 +178,8 @@ class _Simulation:
             "simulated_ranks": len(simulated),
         }
         if self.symmetry is not None:
-            self._stand_in()
+            stand_in(self, self.symmetry)
         return build_result(self, stats)
-
-    def _stand_in(self) -> None:
-        """Every rank's records from its representative's: the iterations, bytes sent and the
-        links' bytes and busy time (the timeline keeps the representatives' spans)."""
-        sym = self.symmetry
-        rows = pd.DataFrame(self.iteration_rows, columns=ITERATION_COLUMNS)
-        members = [sym.orbit(r) for r in rows["rank"].tolist()]
-        counts = np.array([len(m) for m in members], dtype=np.int64)
-        full = rows.loc[rows.index.repeat(counts)].reset_index(drop=True)
-        full["rank"] = ranks = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
-        # samples count once per tensor-parallel group, on its first rank (as in _drive), which
-        # the tensor-parallel shift moves: an image counts them only if it is a first rank too
-        group_of = getattr(self.exp.strategy, "tensor_group", None)
-        if callable(group_of):
-            first = {int(r): group_of(self.job, int(r))[0] == r for r in np.unique(ranks)}
-            full.loc[~full["rank"].map(first).astype(bool), "samples"] = 0
-        self.iteration_rows = full
-        self.bytes_sent = np.asarray(self.bytes_sent)[sym.rep].tolist()
-        net = self.network
-        net.bytes = np.asarray(net.bytes)[sym.link_rep].tolist()
-        net.busy_time = np.asarray(net.busy_time)[sym.link_rep].tolist()
-        self.stands_for = {r: len(sym.orbit(r)) for r in sym.simulated}
 
     def _single_device_time(self) -> float:
         """Rank 0's iteration time alone: forward, backward and step, no communication."""
@@ -584,9 +539,9 @@ def simulate(experiment) -> RunResult:
     With ``experiment.fidelity == "auto"`` it simulates one representative per class of
     interchangeable ranks (:mod:`simulator.symmetry`) where that is exact; a symmetry that
     fails on the way is dropped and the run starts again without it."""
-    gens, reason = candidates(experiment)
     cluster = experiment.run_cluster
-    kinds = link_kinds(cluster.links) if gens else None
+    kinds = link_kinds(cluster.links) if experiment.fidelity == "auto" else None
+    gens, reason = candidates(experiment, kinds)
     while gens:
         symmetry = Symmetry.find(cluster, gens, kinds)
         if symmetry is None:

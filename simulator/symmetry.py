@@ -378,8 +378,9 @@ class Symmetry:
             raise Asymmetric(f"the {sched.algorithm} schedule of {sched.op} is not symmetric", tuple(sorted(broken)))
 
 
-def candidates(exp) -> tuple[list[np.ndarray], str]:
-    """The symmetries to try for ``exp``, and why there are none when there are none."""
+def candidates(exp, kinds: np.ndarray | None = None) -> tuple[list[np.ndarray], str]:
+    """The symmetries to try for ``exp``, and why there are none when there are none
+    (``kinds``: the cluster's :func:`link_kinds`, if already known)."""
     if exp.fidelity == "full":
         return [], "fidelity='full' simulates every rank"
     cluster = exp.run_cluster
@@ -404,7 +405,7 @@ def candidates(exp) -> tuple[list[np.ndarray], str]:
         return [], "one rank"
     offered = offer(exp.job())
     gens = cluster_candidates(cluster) if offered == "any" else [np.asarray(g) for g in offered]
-    kinds = link_kinds(cluster.links)
+    kinds = link_kinds(cluster.links) if kinds is None else kinds
     gens = [h for h in (_cluster_power(cluster, g, kinds) for g in gens) if h is not None]
     if not gens:
         return [], "no symmetry of the strategy's ranks is one of the cluster"
@@ -422,3 +423,36 @@ def _cluster_power(cluster, gen: np.ndarray, kinds: np.ndarray) -> np.ndarray | 
             return cur
         cur = gen[cur]
     return None
+
+
+def stand_in(sim, sym: Symmetry) -> None:
+    """Every rank's records from its representative's, in place on the finished simulation
+    ``sim``: the iterations, bytes sent and the links' bytes and busy time (the timeline keeps
+    the representatives' spans, and ``sim.stands_for`` says how many ranks each stands for)."""
+    import pandas as pd
+
+    from simulator.results import ITERATION_COLUMNS
+
+    rows = pd.DataFrame(sim.iteration_rows, columns=ITERATION_COLUMNS)
+    members = [sym.orbit(r) for r in rows["rank"].tolist()]
+    counts = np.array([len(m) for m in members], dtype=np.int64)
+    full = rows.loc[rows.index.repeat(counts)].reset_index(drop=True)
+    full["rank"] = np.concatenate(members) if members else np.empty(0, dtype=np.int64)
+    # Samples count once per tensor-parallel group, on its first rank (strategies.ops.counted_samples),
+    # which the tensor-parallel shift moves: an image counts them only if it is a first rank too.
+    group_of = getattr(sim.exp.strategy, "tensor_group", None)
+    if callable(group_of):
+        first = np.zeros(sim.world, dtype=bool)
+        grouped = np.zeros(sim.world, dtype=bool)
+        for r in range(sim.job.accelerators):  # one call per group, not per rank
+            if not grouped[r]:
+                group = group_of(sim.job, r)
+                grouped[list(group)] = True
+                first[group[0]] = True
+        full.loc[~first[full["rank"].to_numpy()], "samples"] = 0
+    sim.iteration_rows = full
+    sim.bytes_sent = np.asarray(sim.bytes_sent)[sym.rep].tolist()
+    net = sim.network
+    net.bytes = np.asarray(net.bytes)[sym.link_rep].tolist()
+    net.busy_time = np.asarray(net.busy_time)[sym.link_rep].tolist()
+    sim.stands_for = {r: len(sym.orbit(r)) for r in sym.simulated}
