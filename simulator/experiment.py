@@ -70,7 +70,7 @@ class Experiment:
     ranks on a symmetric cluster, without per-rank noise), simulate one representative per
     class and let it stand for the others (:mod:`simulator.symmetry`); it gives the same
     iteration times, bytes and memory as simulating every rank, and falls back to that
-    wherever it could not. ``full``: simulate every rank. ``result.stats["fidelity"]`` and
+    wherever it could not. ``full``: simulate every rank. ``result.summary()["fidelity"]`` and
     ``["fidelity_reason"]`` say which ran and why."""
     eager_limit: float | None = None
     """Point-to-point messages up to this many bytes flow as soon as they are sent (eager);

@@ -171,9 +171,11 @@ SUMMARY_KEYS = (
     # with updates (parameter servers)
     "updates_applied", "updates_dropped", "updates_per_second", "applied_samples_per_second",
     "staleness_mean", "staleness_p50", "staleness_p99", "staleness_max",
+    # simulated runs: representatives or every rank, and why (Experiment.fidelity)
+    "fidelity", "fidelity_reason",
 )
-"""Every key :func:`summarise` may give, in its order (a run has the last two groups only
-when it has a memory table and updates)."""
+"""Every key :func:`summarise` may give, in its order (a run has the groups after the first
+only when it has a memory table, updates, or was simulated)."""
 
 
 def summarise(result: RunResult) -> dict:
@@ -236,6 +238,8 @@ def summarise(result: RunResult) -> dict:
             staleness_p99=_quantile(s, 0.99),
             staleness_max=float(s.max()) if len(s) else float("nan"),
         )
+    if "fidelity" in st:
+        summary.update(fidelity=st["fidelity"], fidelity_reason=st.get("fidelity_reason", ""))
     return summary
 
 

@@ -120,6 +120,8 @@ def test_parameter_server_falls_back_and_says_why():
     _assert_same(full, auto)
     assert auto.stats["fidelity"] == "full"
     assert "host" in auto.stats["fidelity_reason"] or "declare" in auto.stats["fidelity_reason"]
+    assert auto.summary()["fidelity"] == "full"  # the summary, and so a saved run, says so too
+    assert auto.summary()["fidelity_reason"] == auto.stats["fidelity_reason"]
 
 
 def test_noise_falls_back():
@@ -139,6 +141,8 @@ def test_timeline_and_trace_label_the_representatives(tmp_path):
     ranks = result.timeline.loc[result.timeline["rank"] >= 0]
     assert sorted(ranks["rank"].unique()) == [0, 4]  # stage 0's and stage 1's first ranks
     assert ranks["resource"].str.endswith("(stands for 8 ranks)").all()  # dp 2 x tp 4
+    assert result.summary()["fidelity"] == "representatives"
+    assert result.summary()["fidelity_reason"] == "2 representatives of 8 ranks each"
     trace = result.to_chrome_trace(tmp_path / "trace.json")
     assert trace.stat().st_size > 0
     assert len(result.iterations) == exp.world_size  # every rank's row, one iteration
