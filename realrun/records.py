@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from simulator.records import SPAN_COLUMNS
 from simulator.results import ITERATION_COLUMNS, LINK_COLUMNS, UPDATE_COLUMNS, RunResult
 
 
@@ -104,7 +105,7 @@ def build_result(experiment, rows: dict, stats: dict, links: pd.DataFrame | None
     world = cluster.world_size
     it = pd.DataFrame(rows["it"], columns=ITERATION_COLUMNS)
     it = it.sort_values(["iteration", "rank"], kind="stable").reset_index(drop=True)
-    spans = pd.DataFrame(rows["span"], columns=["rank", "stream", "name", "start", "end", "iteration"])
+    spans = pd.DataFrame(rows["span"], columns=SPAN_COLUMNS)
     spans.insert(0, "resource", "rank" + spans["rank"].astype(str) + "/" + spans["stream"])
     updates = pd.DataFrame(rows["up"], columns=UPDATE_COLUMNS).astype({"applied": bool})
     finals = rows["final"]

@@ -348,7 +348,7 @@ class Cluster:
         return dataclasses.replace(self, hosts=tuple(hosts))
 
     def _check_rank(self, rank: Any, field: str = "rank") -> int:
-        if type(rank) is int and 0 <= rank < self.nodes * self.gpus_per_node + len(self.hosts):
+        if type(rank) is int and 0 <= rank < self.world_size:
             return rank  # the common case, without the slow abstract-class check
         if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or not 0 <= rank < self.world_size:
             raise ValueError(f"{field} must be a rank in [0, {self.world_size}), got {rank!r}")

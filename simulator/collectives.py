@@ -142,7 +142,7 @@ class CollectiveRunner:
         if bundles is not None:
             self._run_chain(bundles, 0, members, on_rank_done)
             return sched
-        key = (sched.op, sched.algorithm, sched.nbytes, sched.root, group)
+        key = key_of(sched, group)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plans[key] = _StepPlan(sched, len(group))

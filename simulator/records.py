@@ -51,11 +51,12 @@ class SpanLog:
     def frame(self) -> pd.DataFrame:
         """The spans as a DataFrame with :data:`SPAN_COLUMNS`, in the order they were appended."""
         names = np.array(self._names, dtype=object)
+
+        def ints(column: array) -> np.ndarray:
+            return np.frombuffer(column, dtype=np.int64)
+
         return pd.DataFrame({
-            "rank": np.frombuffer(self._rank, dtype=np.int64) if len(self) else np.empty(0, dtype=np.int64),
-            "stream": names[np.frombuffer(self._stream, dtype=np.int64)] if len(self) else np.empty(0, dtype=object),
-            "name": names[np.frombuffer(self._name, dtype=np.int64)] if len(self) else np.empty(0, dtype=object),
-            "start": np.frombuffer(self._start, dtype=np.float64) if len(self) else np.empty(0),
-            "end": np.frombuffer(self._end, dtype=np.float64) if len(self) else np.empty(0),
-            "iteration": np.frombuffer(self._iteration, dtype=np.int64) if len(self) else np.empty(0, dtype=np.int64),
+            "rank": ints(self._rank), "stream": names[ints(self._stream)], "name": names[ints(self._name)],
+            "start": np.frombuffer(self._start, dtype=np.float64), "end": np.frombuffer(self._end, dtype=np.float64),
+            "iteration": ints(self._iteration),
         }, columns=SPAN_COLUMNS)

@@ -35,9 +35,10 @@ import numpy as np
 import pandas as pd
 
 from simulator.memory import MEMORY_COLUMNS
+from simulator.records import SPAN_COLUMNS
 
 ITERATION_COLUMNS = ["rank", "iteration", "start", "end", "duration", "compute", "comm", "exposed_comm", "samples"]
-TIMELINE_COLUMNS = ["resource", "rank", "stream", "name", "start", "end", "iteration"]
+TIMELINE_COLUMNS = ["resource", *SPAN_COLUMNS]
 LINK_COLUMNS = ["link", "name", "bandwidth", "bytes", "busy_time", "utilisation"]
 UPDATE_COLUMNS = ["worker", "server", "shard", "clock", "samples", "version_read", "version_applied",
                   "staleness", "read_time", "time", "applied"]
