@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,10 @@ test-fast: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/speed.py
 
+# On a machine with a CUDA GPU: the NCCL path and the simulator's single-GPU error
+# (benchmarks/gpu_results.md). Uses the torch installed there, not the pinned CPU build.
+bench-gpu:
+	PYTHONPATH=. python3 benchmarks/gpu.py --out gpu-out
+
 clean:
-	rm -rf $(VENV) demo-out
+	rm -rf $(VENV) demo-out gpu-out

@@ -321,7 +321,9 @@ class Calibration:
             calibrated = calibrated.replace(eager_limit=self.eager_limit)
         factor = self.idle_factor(calibrated)
         if factor != 1.0:
-            layers = tuple(dataclasses.replace(layer, fwd_time=layer.fwd_time * factor, bwd_time=layer.bwd_time * factor)
+            layers = tuple(dataclasses.replace(layer, fwd_time=layer.fwd_time * factor, bwd_time=layer.bwd_time * factor,
+                                               fwd_times=tuple(t * factor for t in layer.fwd_times),
+                                               bwd_times=tuple(t * factor for t in layer.bwd_times))
                            for layer in self.workload.layers)
             calibrated = calibrated.replace(workload=dataclasses.replace(self.workload, layers=layers))
         return calibrated
@@ -476,13 +478,17 @@ def measure_codecs(experiment, calibration: Calibration, *, threads: int, device
 
 
 def calibrate(experiment, *, launcher=None, links: bool | None = None, device: str = "cpu", threads: int = 1,
-              batch: int | None = None, repeats: int = 10, link_sizes=(65536, 262144, 1 << 20, 4 << 20), link_repeats: int = 4,
+              batch: int | None = None, batches=None, repeats: int = 10, link_sizes=(65536, 262144, 1 << 20, 4 << 20), link_repeats: int = 4,
               shared_cores: int | None = None, message_delay: bool = False, model=None, data=None, loss=None,
               out: str | Path | None = None) -> Calibration:
     """Measure this machine (and ``launcher``'s links) for ``experiment``'s model and strategy.
 
     ``batch``: samples per forward to time (default: the experiment's compute batch, see
-    :func:`compute_batch`). ``threads``: intra-op threads per rank, as realrun's ranks use
+    :func:`compute_batch`). ``batches``: further batch sizes to time the layers at, so that
+    the simulator interpolates between them (``Workload.calibration_batches``) rather than
+    scaling the times at ``batch`` linearly; default: none on a CPU (whose compute is close
+    to linear in the batch), a quarter, half and twice ``batch`` on a GPU (which is not:
+    small batches leave it idle). ``threads``: intra-op threads per rank, as realrun's ranks use
     them. ``launcher``: where the runs to predict will go (``EmulatedCluster()`` for the
     emulated cluster; default ``Local()``): the executor's compute is measured there, and
     with ``links`` (default: yes for ``EmulatedCluster``; ``Local`` has loopback) its links are
@@ -511,6 +517,15 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
     batch = compute_batch(experiment) if batch is None else batch
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise ValueError(f"calibrate: batch must be an integer >= 1, got {batch!r}")
+    if batches is None:
+        batches = sorted({b for b in (batch // 4, batch // 2, 2 * batch) if b >= 1} - {batch}) \
+            if device == "cuda" else ()
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__") or any(
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 or b == batch for b in batches) \
+            or len(set(batches)) != len(batches):
+        raise ValueError(f"calibrate: batches must be distinct integers >= 1 other than batch={batch}, "
+                         f"got {batches!r}")
+    batches = tuple(batches)
     if shared_cores is None:
         shared_cores = (os.cpu_count() or 1) if device == "cpu" else 0
     if isinstance(shared_cores, bool) or not isinstance(shared_cores, int) or shared_cores < 0:
@@ -525,6 +540,7 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
         ModelState(module, workload, dev)  # checks the model is the workload's
         feed = Data(module, experiment.seed, dev, make_input=data, loss=loss)
         prof = profile_layers(module, workload, feed, batch, dev, repeats=repeats)
+        more = [profile_layers(module, workload, feed, b, dev, repeats=repeats) for b in batches]
         idle = measure_idle_slowdown(module, feed, batch, dev, repeats=repeats) if device == "cpu" else ()
         hw = measure_device(dev, repeats=repeats)
     finally:
@@ -538,11 +554,17 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
     if links is None:
         links = isinstance(launcher, EmulatedCluster)
     # The layers' shares of the model's time, scaled to what the executor takes for the whole model.
-    fwd = prof["fwd"] * (solo["forward"] / max(prof["fwd"].sum(), 1e-300))
-    bwd = prof["bwd"] * (solo["backward"] / max(prof["bwd"].sum(), 1e-300))
-    layers = tuple(dataclasses.replace(layer, fwd_time=float(f), bwd_time=float(b))
-                   for layer, f, b in zip(workload.layers, fwd, bwd))
-    measured = dataclasses.replace(workload, layers=layers, calibration_batch=batch)
+    # At other batch sizes, the hooks' times scaled by the same factor (what the executor adds).
+    f_scale = solo["forward"] / max(prof["fwd"].sum(), 1e-300)
+    b_scale = solo["backward"] / max(prof["bwd"].sum(), 1e-300)
+    fwd, bwd = prof["fwd"] * f_scale, prof["bwd"] * b_scale
+    f_more = np.array([p["fwd"] * f_scale for p in more]).reshape(len(more), len(fwd))
+    b_more = np.array([p["bwd"] * b_scale for p in more]).reshape(len(more), len(bwd))
+    layers = tuple(dataclasses.replace(layer, fwd_time=float(fwd[i]), bwd_time=float(bwd[i]),
+                                       fwd_times=tuple(float(t) for t in f_more[:, i]),
+                                       bwd_times=tuple(float(t) for t in b_more[:, i]))
+                   for i, layer in enumerate(workload.layers))
+    measured = dataclasses.replace(workload, layers=layers, calibration_batch=batch, calibration_batches=batches)
     overhead = hw["op_overhead"]
     # The optimizer step fixes the memory bandwidth the simulator streams optimizer updates at:
     # optimizer_time(params) = moved bytes / bandwidth + one launch per layer with parameters.
@@ -560,9 +582,9 @@ def calibrate(experiment, *, launcher=None, links: bool | None = None, device: s
     for i, layer in enumerate(layers):
         rows.append(("forward", layer.name, batch, float(fwd[i]), float("nan")))
         rows.append(("backward", layer.name, batch, float(bwd[i]), float("nan")))
-    rows += [("forward_total", "model", batch, prof["fwd_total"], float("nan")),
-             ("backward_total", "model", batch, prof["bwd_total"], float("nan")),
-             ("executor_forward", "model", batch, solo["forward"], float("nan")),
+    rows += [(f"{kind}_total", "model", size, p[{"forward": "fwd_total", "backward": "bwd_total"}[kind]], float("nan"))
+             for size, p in zip((batch, *batches), (prof, *more)) for kind in ("forward", "backward")]
+    rows += [("executor_forward", "model", batch, solo["forward"], float("nan")),
              ("executor_backward", "model", batch, solo["backward"], float("nan")),
              ("optimizer_step", experiment.optimizer, workload.params, t_opt, float("nan")),
              ("matmul_flops", "fp32", 1024, hw["fp32_flops"], float("nan")),

@@ -177,6 +177,8 @@ class Comm:
                 self._scheduled(op, algorithm, group, work, root, node_of)
             if work is not buf:
                 buf.copy_(work)
+            if buf.device.type == "cuda":  # NCCL's wait only orders streams: end when the device has
+                torch.cuda.synchronize(buf.device)
         return start, time.monotonic()
 
     def _native(self, op: str, buf: torch.Tensor, root: int) -> None:

@@ -176,6 +176,8 @@ class TorchExecutor:
         self.opt = optimizer
         self.shard = shard
         self.clock0 = clock0
+        device = getattr(state, "device", None)
+        self._cuda = device if device is not None and device.type == "cuda" else None
         self._value = None
         self._done = False
         self._target = None  # (op, record, start) of the Backward autograd is running towards
@@ -228,6 +230,12 @@ class TorchExecutor:
                 self._anchor = state.params.clone()  # compressed local SGD sends the change from here
 
     def now(self) -> float:
+        """Seconds since the run's clock started. On a GPU the device's queued work is waited
+        for first, so that a span ends when its kernels have, as on a CPU (where ops are
+        synchronous) and as the simulator counts it; without it a span would time the host's
+        launches, and a calibration built from spans would be off by the device's queue."""
+        if self._cuda is not None:
+            torch.cuda.synchronize(self._cuda)
         return time.monotonic() - self.clock0
 
     # driving the program

@@ -200,11 +200,12 @@ class Data:
         self.vocab_parallel: tuple | None = None
         """``(lo, hi, vocabulary, group_max, group_sum)`` when the output holds vocabulary
         ``[lo, hi)`` of a tensor-parallel head: the loss is taken over the group."""
-        self._inputs: dict[tuple[int, int], torch.Tensor] = {}
-        self._targets: dict[tuple[int, int], torch.Tensor] = {}
+        # keyed by size too: a batch of another size is another batch (calibration times several)
+        self._inputs: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._targets: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def inputs(self, shard: int, iteration: int, size: int, lo: int, hi: int):
-        key = (shard, iteration)
+        key = (shard, iteration, size)
         batch = self._inputs.get(key)
         if batch is None:
             self._inputs.clear()
@@ -218,7 +219,7 @@ class Data:
 
     def loss(self, output: torch.Tensor, shard: int, iteration: int, size: int, lo: int, hi: int):
         """Mean loss of samples ``[lo, hi)`` of the shard's batch."""
-        key = (shard, iteration)
+        key = (shard, iteration, size)
         target = self._targets.get(key)
         if target is None:
             self._targets.clear()

@@ -253,14 +253,37 @@ def layer_times(workload, device, precision: str, samples: int, tp: int = 1,
 
 
 def _measured(workload, layer, samples: int) -> tuple[float, float]:
-    """Measured per-layer times, scaled linearly from the batch they were measured at."""
-    if workload.calibration_batch is None:
+    """Measured per-layer times at ``samples``: scaled linearly from the one batch they were
+    measured at, or, where they were measured at several (``Workload.calibration_batches``),
+    interpolated between the two sizes around ``samples``. Beyond the largest size the last
+    segment goes on; below the smallest the first segment goes on, but a layer takes no
+    longer than at the smallest size and no less than that time scaled down linearly."""
+    b0 = workload.calibration_batch
+    if b0 is None:
         raise ValueError(
             f"layer {layer.name!r} has measured times but Workload.calibration_batch is None; "
             "set the batch size the times were measured at"
         )
-    scale = samples / workload.calibration_batch
-    return layer.fwd_time * scale, layer.bwd_time * scale
+    if not workload.calibration_batches:
+        scale = samples / b0
+        return layer.fwd_time * scale, layer.bwd_time * scale
+    points = sorted(zip((b0, *workload.calibration_batches), (layer.fwd_time, *layer.fwd_times),
+                        (layer.bwd_time, *layer.bwd_times)))
+    return _along(points, 1, samples), _along(points, 2, samples)
+
+
+def _along(points: list[tuple], k: int, samples: float) -> float:
+    """Piecewise-linear time ``k`` of ``points`` (sorted (batch, fwd, bwd)) at ``samples``."""
+    if samples <= points[0][0]:
+        (b1, *t1), (b2, *t2) = points[0], points[1]
+        slope = (t2[k - 1] - t1[k - 1]) / (b2 - b1)
+        low = t1[k - 1]
+        return min(low, max(low * samples / b1, low - slope * (b1 - samples)))
+    for i in range(1, len(points)):
+        if samples <= points[i][0] or i == len(points) - 1:
+            (b1, *t1), (b2, *t2) = points[i - 1], points[i]
+            return max(0.0, t1[k - 1] + (t2[k - 1] - t1[k - 1]) * (samples - b1) / (b2 - b1))
+    raise AssertionError("unreachable")
 
 
 MIXED = ("fp16", "bf16")

@@ -256,6 +256,14 @@ def _devices() -> dict[str, Device]:
                            "fp16": 989.4e12, "bf16": 989.4e12, "fp8": 1978.9e12,
                            "int8": 1978.9e12},
                mem_bandwidth=3.35e12, mem_capacity=80 * _GiB),
+        # NVIDIA H200 Tensor Core GPU datasheet (SXM), 2024: the H100 SXM5's compute (FP64 Tensor
+        # and FP32 67, TF32 495, BF16/FP16 989, FP8/INT8 1979 TFLOPS dense), HBM3e 4.8 TB/s;
+        # 141 GB, of which nvidia-smi reports 143771 MiB.
+        Device(name="H200-SXM",
+               peak_flops={"fp64": 66.9e12, "fp32": 66.9e12, "tf32": 494.7e12,
+                           "fp16": 989.4e12, "bf16": 989.4e12, "fp8": 1978.9e12,
+                           "int8": 1978.9e12},
+               mem_bandwidth=4.8e12, mem_capacity=143771 * 2**20),
         # One server x86 core (assumption, to be replaced by realrun.calibrate): two AVX-512 FMA
         # ports x 16 fp32 lanes x 2 FLOP x 2.5 GHz all-core AVX-512 clock = 160 GFLOP/s fp32,
         # half that for fp64 (Intel Ice Lake-SP / Sapphire Rapids class). Memory: its share of an
@@ -307,7 +315,7 @@ def _links() -> dict[str, LinkSpec]:
     return {s.name: s for s in entries}
 
 
-_DEVICE_ALIASES = {"V100": "V100-32GB", "H100": "H100-SXM"}
+_DEVICE_ALIASES = {"V100": "V100-32GB", "H100": "H100-SXM", "H200": "H200-SXM"}
 _LINK_ALIASES = {"EDR": "IB-EDR", "HDR": "IB-HDR", "NDR": "IB-NDR"}
 
 
@@ -316,7 +324,7 @@ def _with_aliases(table: dict, aliases: dict[str, str]) -> Mapping:
 
 
 DEVICES: Mapping[str, Device] = _with_aliases(_devices(), _DEVICE_ALIASES)
-"""Catalogue of devices by name (aliases ``V100`` = V100-32GB, ``H100`` = H100-SXM)."""
+"""Catalogue of devices by name (aliases ``V100`` = V100-32GB, ``H100`` = H100-SXM, ``H200`` = H200-SXM)."""
 LINKS: Mapping[str, LinkSpec] = _with_aliases(_links(), _LINK_ALIASES)
 """Catalogue of link kinds by name (aliases ``EDR``/``HDR``/``NDR`` = IB-*)."""
 

@@ -415,6 +415,22 @@ def test_profile_gives_the_big_layer_the_time():
     assert (prof["fwd"] >= 0).all() and (prof["bwd"] >= 0).all()
 
 
+def test_a_batch_of_another_size_is_another_batch():
+    """Timing layers at several sizes must not reuse the first size's cached batch."""
+    import torch
+
+    from realrun.model import Data, build_model
+
+    w = Workload.from_zoo("mlp", in_features=16, hidden=[32], out_features=4)
+    model = build_model(w, 0)
+    data = Data(model, 0, torch.device("cpu"))
+    assert data.inputs(0, 0, 8, 0, 8).shape[0] == 8
+    assert data.inputs(0, 0, 32, 0, 32).shape[0] == 32
+    out = model(data.inputs(0, 0, 32, 0, 32))
+    assert data.loss(out, 0, 0, 32, 0, 32).ndim == 0
+    assert torch.equal(data.inputs(0, 0, 8, 2, 6), data.inputs(0, 0, 8, 0, 8)[2:6])
+
+
 def test_compute_batch_is_the_micro_batch():
     w = Workload.from_zoo("mlp", in_features=16, hidden=[32], out_features=4)
     cluster = Cluster.homogeneous(nodes=2, gpus_per_node=1, gpu="cpu-core")
@@ -433,13 +449,19 @@ def small_calibration(tmp_path_factory):
                      strategy=AllReduceSGD(compression={"name": "qsgd", "levels": 15}), batch_size=16,
                      iterations=6, seed=3, name="small")
     folder = tmp_path_factory.mktemp("cal")
-    return exp, calibrate(exp, repeats=3, out=folder), folder
+    return exp, calibrate(exp, repeats=3, batches=(4, 64), out=folder), folder
 
 
 @pytest.mark.spawns
 def test_calibrate_measures_every_layer_and_round_trips(small_calibration):
     exp, cal, folder = small_calibration
-    assert cal.workload.calibration_batch == 16
+    assert cal.workload.calibration_batch == 16 and cal.workload.calibration_batches == (4, 64)
+    # the whole model's time at each size was measured on a batch of that size
+    totals = cal.measurements[cal.measurements["kind"] == "forward_total"]
+    assert sorted(totals["size"]) == [4, 16, 64]
+    f64 = sum(layer.fwd_times[1] for layer in cal.workload.layers)
+    f4 = sum(layer.fwd_times[0] for layer in cal.workload.layers)
+    assert f64 > f4  # 16 times the samples: a CPU takes longer
     assert all(layer.fwd_time is not None and layer.bwd_time is not None for layer in cal.workload.layers)
     assert sum(layer.fwd_time for layer in cal.workload.layers) > 0
     assert cal.device.kernel_overhead > 0 and cal.device.flops("fp32") > 0

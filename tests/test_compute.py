@@ -1,5 +1,6 @@
 """Compute model: roofline arithmetic and the variability distributions."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -108,3 +109,57 @@ def test_bad_scope_and_shift():
         ComputeModel(scope="step")
     with pytest.raises(ValueError, match=r"compute.shift must be a number in \[0, 1\), got 1"):
         ComputeModel(distribution="exponential", shift=1)
+
+
+def _curve_workload():
+    # one layer measured at 8, 16 and 64 samples: fwd 2, 3, 9 ms; bwd 4, 6, 18 ms
+    layer = Layer(name="fc", kind="Linear", params=10, fwd_flops=1.0, bwd_flops=2.0, input_elems=1,
+                  output_elems=1, fwd_time=0.003, bwd_time=0.006, fwd_times=(0.002, 0.009),
+                  bwd_times=(0.004, 0.018))
+    return Workload(name="curve", layers=(layer,), calibration_batch=16, calibration_batches=(8, 64))
+
+
+@pytest.mark.parametrize("samples, fwd", [
+    (16, 0.003),                       # a measured size
+    (12, 0.0025),                      # halfway between 8 and 16
+    (40, 0.003 + 0.006 * 24 / 48),     # between 16 and 64
+    (128, 0.009 + 0.006 / 48 * 64),    # beyond 64: the last segment goes on
+    (6, 0.002 - 0.001 / 8 * 2),        # below 8: the first segment goes on
+    (1, 0.002 - 0.001 / 8 * 7),
+])
+def test_times_measured_at_several_batches_are_interpolated(samples, fwd):
+    wl = _curve_workload()
+    f, b = layer_times(wl, Device(name="d", peak_flops={"fp32": 1e12}, mem_bandwidth=1e11, mem_capacity=1e9),
+                       "fp32", samples)
+    assert f[0] == pytest.approx(fwd, rel=1e-12) and b[0] == pytest.approx(2 * fwd, rel=1e-12)
+
+
+@pytest.mark.parametrize("at8, at16, samples, fwd", [
+    (0.003, 0.002, 4, 0.003),           # 8 slower than 16 (noise): no longer than at 8
+    (0.002, 0.005, 4, 0.002 * 4 / 8),   # steeper than linear: no less than the time at 8 scaled down
+])
+def test_below_the_smallest_batch_the_time_is_bounded(at8, at16, samples, fwd):
+    layer = Layer(name="fc", kind="Linear", params=10, fwd_flops=1.0, bwd_flops=2.0, input_elems=1,
+                  output_elems=1, fwd_time=at16, bwd_time=at16, fwd_times=(at8,), bwd_times=(at8,))
+    wl = Workload(name="w", layers=(layer,), calibration_batch=16, calibration_batches=(8,))
+    f, _ = layer_times(wl, Device(name="d", peak_flops={"fp32": 1e12}, mem_bandwidth=1e11, mem_capacity=1e9),
+                       "fp32", samples)
+    assert f[0] == pytest.approx(fwd, rel=1e-12)
+
+
+def test_calibration_batches_round_trip_and_bad_ones_are_named():
+    wl = _curve_workload()
+    assert Workload.from_dict(wl.to_dict()) == wl
+    layer = wl.layers[0]
+    with pytest.raises(ValueError, match=r"one time per Workload.calibration_batches \(2\), got 1 and 2"):
+        Workload(name="w", layers=(dataclasses.replace(layer, fwd_times=(0.002,)),), calibration_batch=16,
+                 calibration_batches=(8, 64))
+    with pytest.raises(ValueError, match=r"must differ from each other and from calibration_batch=16, got \[8, 16\]"):
+        Workload(name="w", layers=(layer,), calibration_batch=16, calibration_batches=(8, 16))
+    with pytest.raises(ValueError, match="calibration_batches must be integers >= 1, got \\[0\\]"):
+        Workload(name="w", layers=(layer,), calibration_batch=16, calibration_batches=(0,))
+    with pytest.raises(ValueError, match="needs calibration_batch"):
+        Workload(name="w", layers=(layer,), calibration_batches=(8, 64))
+    with pytest.raises(ValueError, match="fwd_times/bwd_times need fwd_time and bwd_time"):
+        Layer(name="fc", kind="Linear", params=1, fwd_flops=1.0, bwd_flops=1.0, input_elems=1, output_elems=1,
+              fwd_times=(0.1,), bwd_times=(0.1,))

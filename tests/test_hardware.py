@@ -25,6 +25,9 @@ def test_published_gpu_figures():
     assert h100.flops("bf16") == pytest.approx(989e12, rel=1e-3)
     assert h100.flops("fp8") == pytest.approx(2 * h100.flops("bf16"), rel=1e-4)
     assert h100.mem_bandwidth == 3.35e12
+    h200 = DEVICES["H200"]  # H200 datasheet: the H100's compute, 4.8 TB/s, 141 GB
+    assert h200.flops("bf16") == h100.flops("bf16") and h200.flops("fp32") == pytest.approx(67e12, rel=1e-2)
+    assert h200.mem_bandwidth == 4.8e12 and h200.mem_capacity == pytest.approx(141e9, rel=0.075)
     v100 = DEVICES["V100"]
     assert v100.flops("fp16") == 125e12
     assert v100.mem_bandwidth == 900e9
