@@ -32,6 +32,7 @@ test-fast: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/speed.py
+	$(BIN)/python benchmarks/search.py
 
 # On a machine with a CUDA GPU: the NCCL path and the simulator's single-GPU error
 # (benchmarks/gpu_results.md). Uses the torch installed there, not the pinned CPU build.

@@ -2,7 +2,7 @@
 
 Stable public names::
 
-    from simulator import Experiment, Cluster, Workload, simulate, simulate_collective, sweep
+    from simulator import Experiment, Cluster, Workload, simulate, simulate_collective, sweep, search
 
 """
 
@@ -13,6 +13,7 @@ from simulator.executor import simulate
 from simulator.experiment import Experiment, load_experiment
 from simulator.hardware import DEVICES, LINKS, Device, LinkSpec, device, link
 from simulator.results import RunResult
+from simulator.search import search
 from simulator.sweep import sweep
 from simulator.workload import Layer, Workload
 
@@ -32,6 +33,7 @@ __all__ = [
     "device",
     "link",
     "load_experiment",
+    "search",
     "simulate",
     "simulate_collective",
     "sweep",

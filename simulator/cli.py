@@ -7,6 +7,7 @@
     clustersim calibrate FILE [--launcher none|local|emulated] [--out DIR]
     clustersim validate [FILE ... | --matrix] [--quick] [--launcher emulated|local] [--out DIR]
     clustersim sweep FILE --set KEY=V1,V2 [--set ...] [--out ROWS.jsonl] [--csv TABLE.csv] [--workers N]
+    clustersim search FILE [--global-batch N] [--set KNOB=V1,V2 ...] [--objective throughput] [--top 20] [--out DIR]
 
 User errors (a bad file, a bad value) print one line and exit with status 2.
 The CLI sits on top of every package: ``demo`` imports ``experiments`` when run.
@@ -258,6 +259,59 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def global_batch_of(experiment) -> int:
+    """Samples one iteration of ``experiment`` trains on: each data shard's batch once (the ranks
+    of a tensor- or pipeline-parallel replica share theirs)."""
+    job = experiment.job()
+    shard_of = getattr(experiment.strategy, "data_shard", None)
+    ranks = [r for r in range(job.accelerators)]
+    if callable(shard_of):
+        return int(sum({shard_of(job, r): job.samples(r) for r in ranks}.values()))
+    return int(sum(job.samples(r) for r in ranks))
+
+
+SEARCH_COLUMNS = ("iteration_time", "throughput", "tflops_per_gpu", "mfu", "peak_memory_gb", "staleness_mean",
+                  "bound_ratio", "lossy")
+
+
+def cmd_search(args) -> int:
+    from concurrent.futures import ProcessPoolExecutor
+
+    from simulator.experiment import load_experiment
+    from simulator.search import plot_search, search
+
+    experiment = load_experiment(args.file)
+    space = parse_settings(args.set or [])
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.top < 1:
+        raise ValueError(f"--top must be at least 1, got {args.top}")
+    batch = args.global_batch if args.global_batch is not None else global_batch_of(experiment)
+    out = Path(args.out) if args.out else None
+    executor = ProcessPoolExecutor(args.workers) if args.workers else None
+    try:
+        table = search(experiment.workload, experiment.cluster, global_batch=batch, precision=experiment.precision,
+                       optimizer=experiment.optimizer, space=space or None, objective=args.objective,
+                       executor=executor, out=out / "search.jsonl" if out else None, progress=None)
+    finally:
+        if executor is not None:
+            executor.shutdown(cancel_futures=True)
+    c = table.attrs["counts"]
+    name = experiment.name or Path(args.file).stem
+    print(f"{name}: {c['generated']} candidates for {experiment.cluster.num_gpus} GPUs at global batch {batch} "
+          f"({table.attrs['family']} space): {c['pruned_memory']} do not fit, {c['pruned_bound']} cannot beat "
+          f"the best (bound), {c['simulated']} simulated")
+    sim = table[table["status"] == "simulated"]
+    knobs = [k for k in table.columns[1:table.columns.get_loc("gpus")] if sim[k].notna().any()]
+    shown = sim.head(args.top)[["rank", *knobs, *[k for k in SEARCH_COLUMNS if sim[k].notna().any()]]]
+    print(shown.to_string(index=False, float_format=_fmt))
+    if out is not None:
+        table.to_csv(out / "search.csv", index=False)
+        plots = plot_search(table, out)
+        print(f"table written to {out / 'search.csv'}; plots: {', '.join(p.name for p in plots)}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from experiments import allreduce_algorithms
 
@@ -334,6 +388,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="write the table (every summary metric) as CSV here")
     p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("search", help="rank the ways to train an experiment file's model on its cluster")
+    p.add_argument("file")
+    p.add_argument("--global-batch", type=int, default=None,
+                   help="samples per iteration (default: what the file's experiment trains on)")
+    p.add_argument("--set", action="append", metavar="KNOB=V1,V2",
+                   help="narrow or widen one knob of the space (e.g. tp=4,8 or compression=none,powersgd)")
+    p.add_argument("--objective", choices=("throughput", "iteration_time", "mfu", "cost"), default="throughput")
+    p.add_argument("--top", type=int, default=20, help="rows to print (default 20)")
+    p.add_argument("--out", help="folder: search.jsonl (rows as they finish; given again, the search resumes), "
+                                 "search.csv and plots")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: one per core)")
+    p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("demo", help="what-if: all-reduce algorithms x cluster size x network speed")
     p.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
