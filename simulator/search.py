@@ -304,6 +304,8 @@ def plot_search(table: pd.DataFrame, folder) -> list[Path]:
         ax2 = ax.twinx()
         ax2.plot(by["gpus"], by["cost"], "s--", color="C1", label="lowest cost")
         ax2.set_ylabel("cost (GPU-seconds per sample)")
+        handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+        ax.legend(handles, [h.get_label() for h in handles], loc="upper left")
         ax.set_title("strategy search: throughput and cost against GPUs")
         fig.tight_layout()
         paths.append(folder / "search_gpus.png")

@@ -113,6 +113,20 @@ def test_resnet_on_64_v100_picks_by_the_network(inter, expect_lossy):
     assert s["throughput"] == best["throughput"]
 
 
+def test_cluster_size_is_a_knob_and_cost_ranks_it(tmp_path):
+    from simulator.search import plot_search
+
+    wl = Workload.from_zoo("resnet50")
+    cluster = Cluster.homogeneous(nodes=2, gpus_per_node=8, gpu="V100", intra="nvlink2", inter="25GbE")
+    space = {"nodes": [1, 2, 4], "strategy": ["allreduce"], "algorithm": ["ring"], "compression": [None]}
+    with ThreadPoolExecutor(1) as pool:
+        table = search(wl, cluster, global_batch=1024, space=space, objective="cost", executor=pool, progress=False)
+    assert list(table["gpus"]) == sorted(table["gpus"])  # communication makes each GPU dearer at scale
+    assert (table["cost"] == table["gpus"] / table["throughput"]).all()
+    assert list(table["cost"]) == sorted(table["cost"])
+    assert [p.name for p in plot_search(table, tmp_path)] == ["search_pareto.png", "search_gpus.png"]
+
+
 def test_an_interrupted_search_resumes_to_the_same_table(small_gpt, tmp_path):
     space = {"tp": [2, 4], "pp": [1, 2], "micro_batch_size": [2], "zero": [0], "recompute": [False],
              "sequence_parallel": [False]}
