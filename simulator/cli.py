@@ -264,7 +264,7 @@ def global_batch_of(experiment) -> int:
     of a tensor- or pipeline-parallel replica share theirs)."""
     job = experiment.job()
     shard_of = getattr(experiment.strategy, "data_shard", None)
-    ranks = [r for r in range(job.accelerators)]
+    ranks = range(job.accelerators)
     if callable(shard_of):
         return int(sum({shard_of(job, r): job.samples(r) for r in ranks}.values()))
     return int(sum(job.samples(r) for r in ranks))

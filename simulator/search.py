@@ -94,6 +94,11 @@ def search(workload, cluster, *, global_batch: int, precision: str = "fp32", opt
     bad = sorted(set(constraints) - set(CONSTRAINTS))
     if bad:
         raise ValueError(f"search: unknown constraints {bad}; allowed: {list(CONSTRAINTS)}")
+    for key, value in constraints.items():
+        if key == "exact" and not isinstance(value, bool) or key != "exact" and (
+                isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0):
+            raise ValueError(f"search: constraint {key!r} must be "
+                             f"{'True or False' if key == 'exact' else 'a number >= 0'}, got {value!r}")
     if isinstance(global_batch, bool) or not isinstance(global_batch, int) or global_batch < 1:
         raise ValueError(f"search: global_batch must be an integer >= 1, got {global_batch!r}")
     if isinstance(lossy_margin, bool) or not isinstance(lossy_margin, int | float) or not lossy_margin >= 0:
@@ -106,23 +111,7 @@ def search(workload, cluster, *, global_batch: int, precision: str = "fp32", opt
     if not cands:
         raise ValueError(f"search: no valid candidate in the space for {cluster.num_gpus} GPUs and global batch "
                          f"{global_batch} (the degrees must divide the GPUs and the batch); space: {full}")
-    rows, specs = [], {}
-    for knobs in cands:
-        row = {**knobs, "candidate": candidate_key(knobs), "lossy": sp.lossy(knobs)}
-        try:
-            exp = build(knobs, workload, cluster, global_batch, settings)
-            row["peak_memory_gb"], row["memory_fraction"] = (x / 1e9 if i == 0 else x
-                                                             for i, x in enumerate(sp.peak_memory(exp)))
-            row["lower_bound"] = sp.lower_bound(knobs, exp)
-            row["gpus"] = exp.cluster.num_gpus
-        except ValueError as exc:  # a combination the strategy refuses
-            row["status"] = "error: " + " ".join(str(exc).split())
-            rows.append(row)
-            continue
-        row["fits"] = row["memory_fraction"] <= constraints.get("max_memory_fraction", 1.0)
-        row["status"] = "pending" if row["fits"] or not prune else "pruned: memory"
-        specs[row["candidate"]] = exp.to_dict()
-        rows.append(row)
+    rows, specs = _size(cands, workload, cluster, global_batch, settings, constraints, prune)
     sized = [r for r in rows if "memory_fraction" in r]
     if sized and not any(r["fits"] for r in sized):
         raise OutOfMemoryError(f"search: nothing in the space fits in memory ({len(sized)} candidates); "
@@ -158,8 +147,10 @@ def search(workload, cluster, *, global_batch: int, precision: str = "fp32", opt
                      [r["candidate"] for r in todo], [{"candidate": r["candidate"]} for r in todo], log, None)
                 for i, r in enumerate(todo):
                     records[r["candidate"]] = new[i]
-            for r in wave:
-                best = min(best, _score(_fill(r, records[r["candidate"]], global_batch), objective, lossy_margin))
+            for r in wave:  # the best so far among what the constraints allow: what ranks first
+                _fill(r, records[r["candidate"]], global_batch)
+                if not _breaks(r, constraints):
+                    best = min(best, _score(r, objective, lossy_margin))
             if report is not None:
                 report.update(total - len(pending))
     finally:
@@ -180,6 +171,29 @@ def search(workload, cluster, *, global_batch: int, precision: str = "fp32", opt
     table.attrs["counts"] = counts
     table.attrs["family"] = fam
     return table
+
+
+def _size(cands, workload, cluster, global_batch, settings, constraints, prune) -> tuple[list[dict], dict]:
+    """Each candidate's row with its peak memory, lower bound and status (``pending``, ``pruned:
+    memory`` or the error the strategy raised), and the experiments to simulate by candidate."""
+    rows, specs = [], {}
+    for knobs in cands:
+        row = {**knobs, "candidate": candidate_key(knobs), "lossy": sp.lossy(knobs)}
+        try:
+            exp = build(knobs, workload, cluster, global_batch, settings)
+            peak, row["memory_fraction"] = sp.peak_memory(exp)
+            row["peak_memory_gb"] = peak / 1e9
+            row["lower_bound"] = sp.lower_bound(knobs, exp)
+            row["gpus"] = exp.cluster.num_gpus
+        except ValueError as exc:  # a combination the strategy refuses
+            row["status"] = "error: " + " ".join(str(exc).split())
+            rows.append(row)
+            continue
+        row["fits"] = row["memory_fraction"] <= constraints.get("max_memory_fraction", 1.0)
+        row["status"] = "pending" if row["fits"] or not prune else "pruned: memory"
+        specs[row["candidate"]] = exp.to_dict()
+        rows.append(row)
+    return rows, specs
 
 
 def _fill(row: dict, record: dict, global_batch: int) -> dict:
@@ -223,17 +237,20 @@ def _bound_score(row: dict, objective: str, global_batch: int, margin: float) ->
     return _score(best, objective, margin)
 
 
-def _rank(rows: list[dict], objective: str, margin: float, constraints: dict) -> pd.DataFrame:
-    def breaks(r) -> bool:
-        if r.get("status") != "simulated":
-            return True
-        if constraints.get("exact") and r["lossy"]:
-            return True
-        stale = r.get("staleness_mean")
-        return "max_staleness" in constraints and stale is not None and not (
-            isinstance(stale, float) and math.isnan(stale)) and stale > constraints["max_staleness"]
+def _breaks(r: dict, constraints: dict) -> bool:
+    """Whether a row is not simulated or breaks a constraint (it then ranks after the rest)."""
+    if r.get("status") != "simulated":
+        return True
+    if constraints.get("exact") and r["lossy"]:
+        return True
+    stale = r.get("staleness_mean")
+    return "max_staleness" in constraints and stale is not None and not (
+        isinstance(stale, float) and math.isnan(stale)) and stale > constraints["max_staleness"]
 
-    order = sorted(range(len(rows)), key=lambda i: (breaks(rows[i]), _score(rows[i], objective, margin), i))
+
+def _rank(rows: list[dict], objective: str, margin: float, constraints: dict) -> pd.DataFrame:
+    order = sorted(range(len(rows)), key=lambda i: (_breaks(rows[i], constraints), _score(rows[i], objective, margin),
+                                                    i))
     knobs = list(dict.fromkeys(k for r in rows for k in r if k not in METRIC_COLUMNS
                                and k not in ("candidate", "gpus")))
     columns = knobs + ["gpus"] + METRIC_COLUMNS + ["candidate"]

@@ -127,6 +127,23 @@ def test_cluster_size_is_a_knob_and_cost_ranks_it(tmp_path):
     assert [p.name for p in plot_search(table, tmp_path)] == ["search_pareto.png", "search_gpus.png"]
 
 
+def test_pruning_under_a_constraint_keeps_the_optimum_it_allows():
+    """On 10 GbE lossy candidates win; asked for exact training only, the pruned search must still
+    find the exhaustive search's best exact candidate (a lossy best must not prune it)."""
+    wl = Workload.from_zoo("resnet50")
+    cluster = Cluster.homogeneous(nodes=8, gpus_per_node=8, gpu="V100", intra="nvlink2", inter="10GbE")
+    space = {**DP_SMALL, "strategy": ["allreduce", "local_sgd", "parameter_server"], "servers": ["nodes"],
+             "placement": ["colocated"], "mode": ["sync"]}
+    kw = dict(global_batch=2048, space=space, constraints={"exact": True}, progress=False)
+    with ThreadPoolExecutor(1) as pool:
+        pruned = search(wl, cluster, executor=pool, **kw)
+        full = search(wl, cluster, executor=pool, prune=False, **kw)
+    assert not pruned.iloc[0]["lossy"]
+    assert pruned.iloc[0]["candidate"] == full.iloc[0]["candidate"]
+    with pytest.raises(ValueError, match="constraint 'exact' must be True or False, got 1"):
+        search(wl, cluster, global_batch=2048, constraints={"exact": 1})
+
+
 def test_an_interrupted_search_resumes_to_the_same_table(small_gpt, tmp_path):
     space = {"tp": [2, 4], "pp": [1, 2], "micro_batch_size": [2], "zero": [0], "recompute": [False],
              "sequence_parallel": [False]}
