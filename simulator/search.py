@@ -306,8 +306,8 @@ def plot_search(table: pd.DataFrame, folder) -> list[Path]:
     ax.set_xlabel("peak memory per GPU (GB)")
     ax.set_ylabel("throughput (samples/s)")
     ax.set_ylim(bottom=0, top=max(1e-9, float(sim["throughput"].max()) * 1.15 if len(sim) else 1.0))
-    ax.legend(loc="lower right")
-    ax.set_title("strategy search: throughput against memory")
+    ax.legend(loc="best")  # away from the points, the best one's star included
+    ax.set_title("throughput against memory (star: rank 1 by the objective)")
     fig.tight_layout()
     paths.append(folder / "search_pareto.png")
     fig.savefig(paths[-1], dpi=120)
